@@ -1,0 +1,305 @@
+"""Model configuration: nested dataclasses, JSON round trip, and the named presets.
+
+Presets (see `preset()`):
+- `tiny`: unit tests; a few million parameters, builds in well under a second.
+- `small`: the CPU demo; tens of millions of parameters, trains usefully in minutes on 2 cores.
+- `paper`: the published MedPLIB 7B setting (CLIP ViT-L/14-336, LLaMA-2-7B / LLaVA-1.5, SAM-Med2D
+  ViT-B at 256 px with adapters, 2-expert top-1 MoE in every LLM MLP). Its parts load from local
+  folders named in the config (`vision.pretrained`, `llm.pretrained`, `pixel.checkpoint`).
+Other backbones are a config change: `llm.kind="qwen2"`, `vision.kind="siglip"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medplib.errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+SAM_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+@dataclass
+class VisionConfig:
+    """The CLIP/SigLIP tower whose patch features feed the LLM (via the projector) and the region encoder."""
+
+    kind: Literal["clip", "siglip"] = "clip"
+    hf: dict[str, Any] = field(default_factory=dict)  # transformers vision-config kwargs
+    pretrained: str | None = None  # local folder with a transformers checkpoint
+    select_layer: int = -2  # hidden state used: published = second-to-last layer
+    drop_cls: bool = True  # CLIP has a CLS token that is dropped; SigLIP has none
+    freeze: bool = True
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @property
+    def image_size(self) -> int:
+        return int(self.hf.get("image_size", 224))
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // int(self.hf.get("patch_size", 16))
+
+
+@dataclass
+class LLMConfig:
+    kind: Literal["llama", "qwen2"] = "llama"
+    hf: dict[str, Any] = field(default_factory=dict)  # transformers LLM-config kwargs (vocab set from tokenizer)
+    pretrained: str | None = None  # local folder with a transformers causal-LM checkpoint
+    freeze: bool = False
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf["hidden_size"])
+
+
+@dataclass
+class PixelEncoderConfig:
+    """SAM-style ViT image encoder (SAM / SAM-Med2D / MedSAM layouts), optionally with SAM-Med2D adapters."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    out_chans: int = 256
+    use_rel_pos: bool = True
+    adapter: bool = True
+    adapter_ratio: float = 0.25
+    freeze: bool = True  # published: always frozen. From random init it must train.
+    checkpoint: str | None = None  # local SAM / SAM-Med2D / MedSAM weights
+    mean: tuple[float, float, float] = SAM_MEAN
+    std: tuple[float, float, float] = SAM_STD
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class MaskDecoderConfig:
+    """SAM two-way-transformer mask decoder; `transformer_dim` equals the pixel encoder's `out_chans`."""
+
+    transformer_dim: int = 256
+    depth: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+
+@dataclass
+class RegionConfig:
+    max_points: int = 512  # points sampled inside a region mask before mean-pooling (published)
+    point_size: int = 41  # side of the square (or diameter of the disc) a point becomes, in vision-input pixels
+    point_shape: Literal["square", "disc"] = "square"
+
+
+@dataclass
+class MoEConfig:
+    """0 experts = dense MLPs. The published stage-IV model: 2 experts, top-1."""
+
+    num_experts: int = 0
+    top_k: int = 1
+    capacity_factor_train: float = 1.5
+    capacity_factor_eval: float = 2.0
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    """Published stage-IV weights by default (ce 1, dice 0.5, bce 2)."""
+
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+    focal: float = 0.0
+    iou: float = 0.0
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # the LLM's own tokenizer folder (paper); None = medplib's trained BPE
+    vocab_size: int = 2048  # for the trained BPE
+    model_max_length: int = 2048
+
+
+@dataclass
+class MedPLIBConfig:
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    pixel: PixelEncoderConfig = field(default_factory=PixelEncoderConfig)
+    decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    region: RegionConfig = field(default_factory=RegionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    system_prompt: str = VICUNA_SYSTEM
+    mask_threshold: float = 0.0  # on logits: 0.0 = probability 0.5
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.pixel.out_chans != self.decoder.transformer_dim:
+            raise ConfigError(
+                f"pixel.out_chans ({self.pixel.out_chans}) must equal decoder.transformer_dim "
+                f"({self.decoder.transformer_dim})"
+            )
+        if self.pixel.image_size % self.pixel.patch_size:
+            raise ConfigError("pixel.image_size must be a multiple of pixel.patch_size")
+        if self.moe.num_experts and not 1 <= self.moe.top_k <= self.moe.num_experts:
+            raise ConfigError(f"moe.top_k must be in 1..{self.moe.num_experts}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MedPLIBConfig":
+        return _build(cls, d, "config")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MedPLIBConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    """Rebuild nested dataclasses from plain dicts; unknown keys are an error, not silently dropped."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        ftype = fields[name].type
+        sub = _DATACLASS_FIELDS.get(name) if cls is MedPLIBConfig else None
+        if sub is not None:
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        elif isinstance(value, list) and "tuple" in str(ftype):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_DATACLASS_FIELDS: dict[str, type] = {
+    "vision": VisionConfig,
+    "llm": LLMConfig,
+    "pixel": PixelEncoderConfig,
+    "decoder": MaskDecoderConfig,
+    "region": RegionConfig,
+    "moe": MoEConfig,
+    "loss": LossConfig,
+    "tokenizer": TokenizerConfig,
+}
+
+
+def _tiny() -> MedPLIBConfig:
+    return MedPLIBConfig(
+        name="tiny",
+        vision=VisionConfig(
+            hf=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=112, patch_size=14, projection_dim=64),
+            freeze=False,
+        ),
+        llm=LLMConfig(hf=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)),
+        pixel=PixelEncoderConfig(embed_dim=64, depth=2, num_heads=2, window_size=8, global_attn_indexes=(1,),
+                                 out_chans=64, freeze=False),
+        decoder=MaskDecoderConfig(transformer_dim=64, depth=2, num_heads=4, mlp_dim=128, iou_head_hidden_dim=64),
+        region=RegionConfig(max_points=128, point_size=14),
+        tokenizer=TokenizerConfig(vocab_size=1024, model_max_length=512),
+        max_new_tokens=24,
+    )
+
+
+def _small() -> MedPLIBConfig:
+    return MedPLIBConfig(
+        name="small",
+        vision=VisionConfig(
+            hf=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+                    image_size=224, patch_size=16, projection_dim=192),
+            freeze=False,
+        ),
+        llm=LLMConfig(hf=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                              num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024)),
+        pixel=PixelEncoderConfig(embed_dim=192, depth=4, num_heads=3, window_size=8, global_attn_indexes=(1, 3),
+                                 out_chans=128, freeze=False),
+        decoder=MaskDecoderConfig(transformer_dim=128, depth=2, num_heads=8, mlp_dim=512, iou_head_hidden_dim=128),
+        region=RegionConfig(max_points=256, point_size=27),
+        tokenizer=TokenizerConfig(vocab_size=2048, model_max_length=1024),
+    )
+
+
+def _paper() -> MedPLIBConfig:
+    return MedPLIBConfig(
+        name="paper",
+        vision=VisionConfig(
+            hf=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+            freeze=True,
+        ),
+        llm=LLMConfig(hf=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                              rms_norm_eps=1e-5)),
+        pixel=PixelEncoderConfig(),
+        decoder=MaskDecoderConfig(),
+        region=RegionConfig(),
+        moe=MoEConfig(num_experts=2, top_k=1),
+        tokenizer=TokenizerConfig(vocab_size=32000, model_max_length=2048),
+        max_new_tokens=512,
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "paper": _paper}
+
+
+def preset(name: str, **overrides: Any) -> MedPLIBConfig:
+    """A named preset; `overrides` are dotted keys, e.g. `preset("tiny", **{"moe.num_experts": 2})`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    d = PRESETS[name]().to_dict()
+    for key, value in overrides.items():
+        apply_override(d, key, value)
+    return MedPLIBConfig.from_dict(d)
+
+
+def apply_override(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `d["a"]["b"] = value` for `dotted="a.b"`; unknown paths are an error."""
+    parts = dotted.split(".")
+    node = d
+    for p in parts[:-1]:
+        if not isinstance(node, dict) or p not in node:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        node = node[p]
+    if not isinstance(node, dict) or (parts[-1] not in node and not _is_hf_dict(parts)):
+        raise ConfigError(f"unknown config key '{dotted}'")
+    node[parts[-1]] = value
+
+
+def _is_hf_dict(parts: list[str]) -> bool:
+    # The transformers kwargs are open-ended: any key may be added under vision.hf / llm.hf.
+    return len(parts) == 3 and parts[1] == "hf"
