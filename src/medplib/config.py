@@ -225,7 +225,7 @@ def _tiny() -> MedPLIBConfig:
                     image_size=112, patch_size=14, projection_dim=64),
             freeze=False,
         ),
-        llm=LLMConfig(hf=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        llm=LLMConfig(hf=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)),
         pixel=PixelEncoderConfig(embed_dim=64, depth=2, num_heads=2, window_size=8, global_attn_indexes=(1,),
                                  out_chans=64, freeze=False),

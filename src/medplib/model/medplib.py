@@ -1,0 +1,281 @@
+"""The composed MedPLIB model: vision tower -> projector -> LLM (optionally MoE MLPs) -> text, with
+region tokens from the region encoder, and `[SEG]` hidden states -> projection -> SAM-style mask decoder.
+
+This module knows nothing about training recipes or data formats: `forward` takes a collated
+batch from `medplib.processing.Processor` and returns the losses; `generate` decodes one sample
+with the KV cache and turns every emitted `[SEG]` into a mask at the original image size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from medplib.config import MedPLIBConfig
+from medplib.errors import CheckpointError, InputError
+from medplib.model.losses import bce_loss, dice_loss, focal_loss, soft_iou
+from medplib.model.mask_decoder import MaskDecoder, postprocess_masks
+from medplib.model.pixel_encoder import PixelEncoder
+from medplib.model.regions import RegionEncoder
+from medplib.model.vision import VisionTower, build_projector
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    image: int
+    region: int
+    seg: int
+    eos: int
+    pad: int
+
+
+@dataclass
+class ImageFeatures:
+    """What an image costs once: vision patch features and (lazily) the pixel-encoder embedding."""
+
+    vision: torch.Tensor  # (1, grid*grid, Dv)
+    pixel: torch.Tensor | None = None  # (1, C, h, w)
+
+
+@dataclass
+class MedPLIBOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor  # (B, T, V)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # ce, bce, dice, focal, iou, aux
+    mask_logits: list[list[torch.Tensor]] = field(default_factory=list)  # [b][k] (H, W)
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]
+    mask_logits: list[torch.Tensor]  # one (H, W) float per emitted [SEG], original image size
+    scores: list[float]  # the decoder's predicted IoU per mask
+
+
+def _build_llm(cfg: MedPLIBConfig, vocab_size: int, ids: SpecialIds) -> nn.Module:
+    if cfg.llm.pretrained:
+        try:
+            llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, local_files_only=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot load the LLM from {cfg.llm.pretrained}: {exc}") from None
+        if llm.get_input_embeddings().num_embeddings < vocab_size:
+            llm.resize_token_embeddings(vocab_size)
+    else:
+        hf = dict(cfg.llm.hf, vocab_size=vocab_size, pad_token_id=ids.pad, eos_token_id=ids.eos)
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.llm.kind, **hf))
+    if cfg.llm.freeze:
+        llm.requires_grad_(False)
+    return llm
+
+
+class MedPLIBModel(nn.Module):
+    def __init__(self, cfg: MedPLIBConfig, vocab_size: int, ids: SpecialIds):
+        super().__init__()
+        self.cfg, self.ids = cfg, ids
+        self.vision = VisionTower(cfg.vision)
+        self.llm = _build_llm(cfg, vocab_size, ids)
+        hidden = self.llm.config.hidden_size
+        self.projector = build_projector(cfg.projector, self.vision.hidden_size, hidden)
+        self.region_encoder = RegionEncoder(self.vision.hidden_size, hidden, cfg.region.max_points)
+        self.pixel_encoder = PixelEncoder(cfg.pixel)
+        if cfg.pixel.freeze:
+            self.pixel_encoder.requires_grad_(False)
+        self.mask_decoder = MaskDecoder(cfg.decoder)
+        # Published: Linear(H, H), ReLU, Linear(H, 256) on the hidden state that predicts [SEG].
+        self.seg_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.decoder.transformer_dim))
+        if cfg.moe.num_experts:
+            from medplib.model.moe import replace_mlps_with_moe
+
+            replace_mlps_with_moe(self.llm, cfg.moe)
+
+    # ------------------------------------------------------------------ parts
+    def _moe_layers(self) -> list[nn.Module]:
+        from medplib.model.moe import moe_layers
+
+        return moe_layers(self.llm) if self.cfg.moe.num_experts else []
+
+    def encode_vision(self, vision_pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, Sv, Sv) -> (B, grid*grid, Dv); no graph is kept when the tower is frozen."""
+        trainable = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            return self.vision(vision_pixels)
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, Sp, Sp) -> (B, C, Sp/p, Sp/p) pixel-encoder embeddings."""
+        trainable = any(p.requires_grad for p in self.pixel_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            return self.pixel_encoder(pixel_values.to(next(self.pixel_encoder.parameters()).dtype))
+
+    def embed(self, input_ids: torch.Tensor, vision_feats: torch.Tensor, region_masks: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Token embeddings with image features at `<image>` ids and region tokens at `<region>` ids.
+
+        input_ids (B, T); vision_feats (B, N, Dv) -> (B, T, H)."""
+        emb = self.llm.get_input_embeddings()(input_ids)
+        is_img = input_ids == self.ids.image
+        n_img = is_img.sum(dim=1)
+        if not torch.all(n_img == vision_feats.shape[1]):
+            raise InputError(f"each sequence needs {vision_feats.shape[1]} image tokens, found {n_img.tolist()}")
+        img = self.projector(vision_feats).to(emb.dtype)
+        emb = emb.masked_scatter(is_img.unsqueeze(-1), img)
+        is_reg = input_ids == self.ids.region
+        if is_reg.any() or any(region_masks):
+            tokens = self.region_encoder(vision_feats, region_masks)
+            emb = emb.clone()
+            for b, t in enumerate(tokens):
+                pos = torch.nonzero(is_reg[b], as_tuple=True)[0]
+                if pos.numel() != t.shape[0]:
+                    raise InputError(f"sample {b}: {pos.numel()} <region> placeholders but {t.shape[0]} regions")
+                emb[b, pos] = t.to(emb.dtype)
+        return emb
+
+    def decode_masks(
+        self, pixel_embeddings: torch.Tensor, seg_hidden: torch.Tensor,
+        original_hw: list[tuple[int, int]], valid_hw: list[tuple[int, int]],
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One mask per [SEG]: pixel_embeddings (n, C, h, w), seg_hidden (n, H) -> n logits (H_i, W_i), iou (n,)."""
+        prompts = self.seg_proj(seg_hidden.to(next(self.seg_proj.parameters()).dtype)).unsqueeze(1)
+        low_res, iou = self.mask_decoder(pixel_embeddings.to(prompts.dtype), prompts)
+        size = self.cfg.pixel.image_size
+        masks = [postprocess_masks(low_res[i : i + 1], size, valid_hw[i], original_hw[i])[0, 0] for i in range(len(original_hw))]
+        return masks, iou.view(-1)
+
+    def _set_moe_token_mask(self, attention_mask: torch.Tensor | None) -> None:
+        for layer in self._moe_layers():
+            layer.set_token_mask(attention_mask.bool() if attention_mask is not None else None)
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vision_pixels: torch.Tensor,
+        pixel_values: torch.Tensor,
+        region_masks: list[list[torch.Tensor]],
+        target_masks: list[list[torch.Tensor]],
+        original_hw: list[tuple[int, int]],
+        pixel_valid_hw: list[tuple[int, int]],
+        labels: torch.Tensor | None = None,
+    ) -> MedPLIBOutput:
+        """Teacher-forced losses. input_ids/labels/attention_mask (B, T); pixels (B, 3, S, S)."""
+        vision_feats = self.encode_vision(vision_pixels)
+        emb = self.embed(input_ids, vision_feats, region_masks)
+        self._set_moe_token_mask(attention_mask)
+        hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        self._set_moe_token_mask(None)
+        logits = self.llm.get_output_embeddings()(hidden)
+        dev = logits.device
+        zero = torch.zeros((), device=dev)
+        parts: dict[str, torch.Tensor] = {}
+        if labels is not None and (labels[:, 1:] != IGNORE_INDEX).any():
+            parts["ce"] = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        else:
+            parts["ce"] = zero
+        # The hidden state at position i predicts token i+1: that is the one a [SEG] answer uses.
+        answer = labels[:, 1:] != IGNORE_INDEX if labels is not None else torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+        seg_at = (input_ids[:, 1:] == self.ids.seg) & answer
+        mask_logits: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
+        bce, dice, focal, iou_l = [], [], [], []
+        if seg_at.any():
+            rows, cols = torch.nonzero(seg_at, as_tuple=True)
+            for b in rows.unique().tolist():
+                if int((rows == b).sum()) != len(target_masks[b]):
+                    raise InputError(f"sample {b}: {int((rows == b).sum())} [SEG] tokens but {len(target_masks[b])} target masks")
+            used = rows.unique()
+            pix = self.encode_pixels(pixel_values[used])
+            slot = {int(b): i for i, b in enumerate(used.tolist())}
+            masks, iou_pred = self.decode_masks(
+                pix[[slot[int(b)] for b in rows]], hidden[rows, cols],
+                [original_hw[int(b)] for b in rows], [pixel_valid_hw[int(b)] for b in rows],
+            )
+            k_of = {}
+            for j, b in enumerate(rows.tolist()):
+                k = k_of.get(b, 0)
+                k_of[b] = k + 1
+                target = target_masks[b][k].to(masks[j].device, masks[j].dtype)
+                mask_logits[b].append(masks[j])
+                bce.append(bce_loss(masks[j], target))
+                dice.append(dice_loss(masks[j], target))
+                if self.cfg.loss.focal:
+                    focal.append(focal_loss(masks[j], target))
+                if self.cfg.loss.iou:
+                    iou_l.append((iou_pred[j] - soft_iou(masks[j].detach(), target).to(iou_pred.dtype)) ** 2)
+        mean = lambda xs: torch.stack(xs).mean() if xs else zero  # noqa: E731
+        parts.update(bce=mean(bce), dice=mean(dice), focal=mean(focal), iou=mean(iou_l))
+        moe = self._moe_layers()
+        parts["aux"] = torch.stack([m.aux_loss for m in moe]).sum() if moe else zero
+        w = self.cfg.loss
+        loss = (w.ce * parts["ce"] + w.bce * parts["bce"] + w.dice * parts["dice"] + w.focal * parts["focal"]
+                + w.iou * parts["iou"] + parts["aux"])
+        return MedPLIBOutput(loss=loss, logits=logits, parts=parts, mask_logits=mask_logits)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        features: ImageFeatures,
+        pixel_values: torch.Tensor,
+        region_masks: list[torch.Tensor],
+        original_hw: tuple[int, int],
+        pixel_valid_hw: tuple[int, int],
+        *,
+        max_new_tokens: int | None = None,
+        use_cache: bool = True,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationOutput:
+        """Decode one sample: input_ids (1, T) ending with `ASSISTANT:`; pixel_values (1, 3, Sp, Sp).
+
+        Greedy when temperature == 0. `features.pixel` is computed on the first `[SEG]` only
+        (and kept, so a later question on the same image reuses it)."""
+        if input_ids.shape[0] != 1:
+            raise InputError("generate decodes one sample at a time")
+        max_new = max_new_tokens or self.cfg.max_new_tokens
+        limit = getattr(self.llm.config, "max_position_embeddings", None)
+        if limit is not None:
+            max_new = min(max_new, limit - input_ids.shape[1])
+            if max_new <= 0:
+                raise InputError(f"the prompt ({input_ids.shape[1]} tokens) fills the model's context of {limit}")
+        decoder, head = self.llm.get_decoder(), self.llm.get_output_embeddings()
+        embed_tokens = self.llm.get_input_embeddings()
+        seq = self.embed(input_ids, features.vision, [region_masks])
+        out = decoder(inputs_embeds=seq, use_cache=use_cache)
+        tokens: list[int] = []
+        seg_hidden: list[torch.Tensor] = []
+        for _ in range(max_new):
+            h = out.last_hidden_state[:, -1]  # (1, H)
+            logits = head(h).float()
+            if temperature > 0:
+                nxt = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
+            else:
+                nxt = int(logits.argmax(dim=-1))
+            tokens.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            if nxt == self.ids.seg:
+                seg_hidden.append(h[0])
+            if nxt == self.ids.eos:
+                break
+            step = embed_tokens(torch.tensor([[nxt]], device=input_ids.device))
+            if use_cache:
+                out = decoder(inputs_embeds=step, past_key_values=out.past_key_values, use_cache=True)
+            else:
+                seq = torch.cat([seq, step], dim=1)
+                out = decoder(inputs_embeds=seq, use_cache=False)
+        if not seg_hidden:
+            return GenerationOutput(tokens, [], [])
+        if features.pixel is None:
+            features.pixel = self.encode_pixels(pixel_values)
+        n = len(seg_hidden)
+        masks, iou = self.decode_masks(
+            features.pixel.expand(n, -1, -1, -1), torch.stack(seg_hidden), [original_hw] * n, [pixel_valid_hw] * n
+        )
+        return GenerationOutput(tokens, [m.float() for m in masks], iou.float().tolist())

@@ -1,0 +1,46 @@
+"""Vision tower (CLIP or SigLIP from transformers) and the projector into the LLM width."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+from medplib.config import VisionConfig
+from medplib.errors import CheckpointError
+
+_TOWERS = {"clip": (CLIPVisionConfig, CLIPVisionModel), "siglip": (SiglipVisionConfig, SiglipVisionModel)}
+
+
+class VisionTower(nn.Module):
+    """Patch features of one hidden layer (published: the second-to-last), CLS dropped for CLIP."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        config_cls, model_cls = _TOWERS[cfg.kind]
+        if cfg.pretrained:
+            try:
+                self.model = model_cls.from_pretrained(cfg.pretrained, local_files_only=True)
+            except OSError as exc:
+                raise CheckpointError(f"cannot load the {cfg.kind} vision tower from {cfg.pretrained}: {exc}") from None
+        else:
+            self.model = model_cls(config_cls(**cfg.hf))
+        self.hidden_size = self.model.config.hidden_size
+        if cfg.freeze:
+            self.model.requires_grad_(False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, grid*grid, D) patch features."""
+        out = self.model(pixel_values=pixels.to(self.model.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.cfg.select_layer]
+        return feats[:, 1:] if self.cfg.kind == "clip" and self.cfg.drop_cls else feats
+
+
+def build_projector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
+    """`mlp2x_gelu` (LLaVA-1.5, published): Linear, GELU, Linear; or a single Linear."""
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+    if kind == "linear":
+        return nn.Linear(vision_dim, llm_dim)
+    raise CheckpointError(f"unknown projector '{kind}'")

@@ -1,0 +1,257 @@
+"""The one Processor used by training and inference alike, so the two can never drift apart.
+
+It owns: the chat template (Vicuna v1, one system prompt everywhere), tokenisation with the
+`<image>` placeholder expanded to `<im_start> <image>*N <im_end>`, image transforms for both
+branches (longest-side resize, normalise, pad bottom/right to a square), region rasterisation
+(point -> square or disc, box -> filled rectangle, polygon/mask -> its shape) and target masks.
+
+Geometry: both branches resize the longest side to their input size S and pad at the bottom and
+right, so pixel (x, y) of the original maps to (x * s, y * s) with s = S / max(H, W) in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from transformers import PreTrainedTokenizerBase
+
+from medplib.config import MedPLIBConfig
+from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Turn
+from medplib.errors import InputError
+from medplib.tokenizer import IM_END, IM_START, IMAGE, REGION, SEG
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ImageInputs:
+    """One image prepared for both branches."""
+
+    vision_pixels: torch.Tensor  # (3, Sv, Sv) normalised for the CLIP/SigLIP tower
+    pixel_values: torch.Tensor  # (3, Sp, Sp) normalised for the SAM-style pixel encoder
+    original_hw: tuple[int, int]
+    pixel_valid_hw: tuple[int, int]  # un-padded (h, w) inside the Sp x Sp input
+
+
+@dataclass
+class Encoded:
+    """One sample ready for collation."""
+
+    input_ids: torch.Tensor  # (T,) long
+    labels: torch.Tensor  # (T,) long, IGNORE_INDEX where no loss
+    image: ImageInputs
+    region_masks: list[torch.Tensor] = field(default_factory=list)  # each (Sv, Sv) bool
+    target_masks: list[torch.Tensor] = field(default_factory=list)  # each (H, W) float in {0, 1}
+
+
+def _as_rgb_array(image: Any) -> np.ndarray:
+    """Accept a PIL image or an (H, W) / (H, W, 3|4) uint8 array; return (H, W, 3) uint8."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"expected an image array or PIL image, got {type(image).__name__}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 2 or image.shape[1] < 2:
+        raise InputError(f"image must be (H, W, 3) with H, W >= 2; got shape {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        raise InputError(f"image must be uint8 RGB (use medplib.data readers for DICOM/NIfTI); got {image.dtype}")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def _resize_pad(img: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(3, H, W) float in [0, 1] -> normalised (3, size, size), zero (= mean colour) padding bottom/right."""
+    h, w = img.shape[1:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    out = torch.zeros(3, size, size)
+    out[:, :nh, :nw] = (resized - m) / s
+    return out, (nh, nw)
+
+
+class Processor:
+    def __init__(self, config: MedPLIBConfig, tokenizer: PreTrainedTokenizerBase):
+        self.config = config
+        self.tokenizer = tokenizer
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE, IM_START, IM_END, REGION, SEG)}
+        self.image_id, self.im_start_id, self.im_end_id = ids[IMAGE], ids[IM_START], ids[IM_END]
+        self.region_id, self.seg_id = ids[REGION], ids[SEG]
+        self.num_image_tokens = config.vision.grid**2
+
+    # ---------------------------------------------------------------- images
+    def prepare_image(self, image: Any) -> ImageInputs:
+        rgb = _as_rgb_array(image)
+        t = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+        vision, _ = _resize_pad(t, self.config.vision.image_size, self.config.vision.mean, self.config.vision.std)
+        pixel, valid = _resize_pad(t, self.config.pixel.image_size, self.config.pixel.mean, self.config.pixel.std)
+        return ImageInputs(vision, pixel, (rgb.shape[0], rgb.shape[1]), valid)
+
+    # ---------------------------------------------------------------- regions
+    def rasterize_region(self, region: Region, original_hw: tuple[int, int], mask: np.ndarray | None = None) -> torch.Tensor:
+        """A region in original-image pixels -> (Sv, Sv) bool mask in the vision input frame.
+
+        `mask` is the loaded array for a MaskRegion (the schema holds only its reference)."""
+        h, w = original_hw
+        size = self.config.vision.image_size
+        s = size / max(h, w)
+        canvas = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(canvas)
+        if isinstance(region, PointRegion):
+            x, y = region.point
+            self._check_inside([(x, y)], h, w, "point")
+            r = self.config.region.point_size / 2
+            cx, cy = x * s, y * s
+            shape = draw.ellipse if self.config.region.point_shape == "disc" else draw.rectangle
+            shape([cx - r, cy - r, cx + r, cy + r], fill=1)
+        elif isinstance(region, BoxRegion):
+            x1, y1, x2, y2 = region.box
+            self._check_inside([(x1, y1), (x2, y2)], h, w, "box")
+            draw.rectangle([x1 * s, y1 * s, max(x1 * s, x2 * s - 1), max(y1 * s, y2 * s - 1)], fill=1)
+        elif isinstance(region, PolygonRegion):
+            self._check_inside(region.polygon, h, w, "polygon")
+            draw.polygon([(x * s, y * s) for x, y in region.polygon], fill=1)
+        elif isinstance(region, MaskRegion):
+            if mask is None:
+                raise InputError("a mask region needs its loaded mask array")
+            if mask.shape[:2] != (h, w):
+                raise InputError(f"region mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}")
+            if not mask.any():
+                raise InputError("the free-form region mask is empty")
+            nh, nw = max(1, round(h * s)), max(1, round(w * s))
+            small = Image.fromarray(mask.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST)
+            if not np.asarray(small).any():  # a few-pixel shape can vanish when shrunk: keep its centre
+                ys, xs = np.nonzero(mask)
+                small = Image.new("L", (nw, nh), 0)
+                small.putpixel((min(nw - 1, int(xs.mean() * s)), min(nh - 1, int(ys.mean() * s))), 255)
+            canvas.paste(small.point(lambda v: 1 if v else 0), (0, 0))
+        else:
+            raise InputError(f"unknown region type {type(region).__name__}")
+        out = torch.from_numpy(np.asarray(canvas, dtype=bool).copy())
+        if not out.any():
+            raise InputError(f"the {region.kind} region is empty after rasterisation")
+        return out
+
+    @staticmethod
+    def _check_inside(points: Sequence[tuple[float, float]], h: int, w: int, what: str) -> None:
+        for x, y in points:
+            if not (0 <= x <= w and 0 <= y <= h):
+                raise InputError(f"{what} ({x:g}, {y:g}) lies outside the {w}x{h} image")
+
+    # ---------------------------------------------------------------- text
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _expand_image(self, ids: list[int]) -> list[int]:
+        if ids.count(self.image_id) != 1:
+            raise InputError(f"a sample needs exactly one {IMAGE} placeholder, found {ids.count(self.image_id)}")
+        i = ids.index(self.image_id)
+        return ids[:i] + [self.im_start_id] + [self.image_id] * self.num_image_tokens + [self.im_end_id] + ids[i + 1 :]
+
+    def encode_conversation(self, turns: Sequence[Turn], *, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Vicuna-v1 template -> (input_ids, labels); only assistant answers (and their `</s>`) carry loss.
+
+        With `add_generation_prompt` the conversation ends on a user turn and the ids end with
+        `ASSISTANT:` so generation continues from there."""
+        turns = list(turns)
+        if not turns or turns[0].role != "user":
+            raise InputError("a conversation starts with a user turn")
+        if IMAGE not in turns[0].content:
+            turns[0] = Turn(role="user", content=f"{IMAGE}\n{turns[0].content}")
+        ids: list[int] = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        labels: list[int] = [IGNORE_INDEX] * len(ids)
+        prompt = self.config.system_prompt
+        for turn in turns:
+            if turn.role == "user":
+                prompt += f" USER: {turn.content} ASSISTANT:"
+            else:
+                piece = self._tokens(prompt)
+                ids += piece
+                labels += [IGNORE_INDEX] * len(piece)
+                answer = self._tokens(f" {turn.content}") + [self.tokenizer.eos_token_id]
+                ids += answer
+                labels += answer
+                prompt = ""
+        if add_generation_prompt:
+            if turns[-1].role != "user":
+                raise InputError("to generate, the conversation must end with a user turn")
+            piece = self._tokens(prompt)
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+        elif turns[-1].role != "assistant":
+            raise InputError("a training conversation must end with an assistant turn")
+        expanded = self._expand_image(ids)
+        n_extra = len(expanded) - len(ids)
+        i = ids.index(self.image_id)
+        labels = labels[:i] + [IGNORE_INDEX] * (n_extra + 1) + labels[i + 1 :]
+        if len(expanded) > self.config.tokenizer.model_max_length:
+            raise InputError(f"sequence of {len(expanded)} tokens exceeds the model's {self.config.tokenizer.model_max_length}")
+        return expanded, labels
+
+    # ---------------------------------------------------------------- samples
+    def encode(
+        self,
+        image: Any,
+        turns: Sequence[Turn],
+        regions: Sequence[Region] = (),
+        region_arrays: Sequence[np.ndarray | None] | None = None,
+        target_masks: Sequence[np.ndarray] = (),
+        *,
+        add_generation_prompt: bool = False,
+    ) -> Encoded:
+        """Everything the model needs for one image + conversation.
+
+        `region_arrays[i]` is the loaded mask for a MaskRegion (None otherwise); `target_masks`
+        are (H, W) arrays, nonzero = foreground, one per `[SEG]` in the answers, in order."""
+        img = self.prepare_image(image)
+        ids, labels = self.encode_conversation(turns, add_generation_prompt=add_generation_prompt)
+        n_tags = ids.count(self.region_id)
+        if n_tags != len(regions):
+            raise InputError(f"the text has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
+        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
+        region_masks = [self.rasterize_region(r, img.original_hw, a) for r, a in zip(regions, arrays)]
+        targets = []
+        for m in target_masks:
+            if m.shape[:2] != img.original_hw:
+                raise InputError(f"target mask is {m.shape[1]}x{m.shape[0]} but the image is {img.original_hw[1]}x{img.original_hw[0]}")
+            targets.append(torch.from_numpy((np.asarray(m) > 0).astype(np.float32)))
+        n_seg = sum(1 for t, lab in zip(ids, labels) if t == self.seg_id and lab != IGNORE_INDEX)
+        if not add_generation_prompt and n_seg != len(targets):
+            raise InputError(f"the answers hold {n_seg} {SEG} tokens but {len(targets)} target masks were given")
+        return Encoded(torch.tensor(ids), torch.tensor(labels), img, region_masks, targets)
+
+    def collate(self, items: Sequence[Encoded]) -> dict[str, Any]:
+        """Right-pad token sequences; images stack; regions and targets stay per-sample lists."""
+        if not items:
+            raise InputError("cannot collate an empty batch")
+        longest = max(len(e.input_ids) for e in items)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(items), longest), pad, dtype=torch.long)
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(items), longest), dtype=torch.long)
+        for i, e in enumerate(items):
+            n = len(e.input_ids)
+            input_ids[i, :n], labels[i, :n], attention[i, :n] = e.input_ids, e.labels, 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention,
+            "vision_pixels": torch.stack([e.image.vision_pixels for e in items]),
+            "pixel_values": torch.stack([e.image.pixel_values for e in items]),
+            "region_masks": [e.region_masks for e in items],
+            "target_masks": [e.target_masks for e in items],
+            "original_hw": [e.image.original_hw for e in items],
+            "pixel_valid_hw": [e.image.pixel_valid_hw for e in items],
+        }
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Answer text; `[SEG]` is kept (it marks where a mask was produced), `</s>` and padding dropped."""
+        keep = [i for i in ids if i not in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)]
+        return self.tokenizer.decode(keep, skip_special_tokens=False).strip()
