@@ -1,0 +1,268 @@
+"""Mixture-of-Experts MLPs for the LLM, and upcycling of dense MLPs into experts.
+
+MedPLIB turns every LLM MLP into an MoE of 2 experts with top-1 routing: expert 0 is the
+pixel-grounding expert (stage III MLPs), expert 1 the vision-language expert (stage II MLPs).
+
+Why our own small module instead of transformers' Mixtral / Qwen2-MoE blocks: transformers 5.x
+stores those experts as fused 3-D weight tensors and has no capacity / token-dropping semantics.
+We upcycle dense LlamaMLP / Qwen2MLP modules, and their weights must stay in the dense layout
+(`gate_proj` / `up_proj` / `down_proj` Linear modules) so that stage merges copy them one to one
+and LoRA keeps targeting them by name.
+
+Routing, per (non-padding) token x of shape (H,):
+    logits = router(x) in fp32            (E,)
+    probs  = softmax(logits)              (E,)
+    top-k experts by probs; gates = their probs (k=1: the raw probability, as published;
+    k>1: renormalised to sum to 1, as in Mixtral, so the output keeps the scale of one expert)
+    y = sum over kept selections of gate * expert(x)
+
+Capacity: each expert takes at most ceil(capacity_factor * N * k / E) tokens per forward, N = the
+number of non-padding tokens in the batch; selections past it are dropped (they contribute zero and
+the decoder layer's residual carries the token). Queue order is GShard's: all first choices before
+any second choice, and within a choice the flattened (batch, time) order. DeepSpeed's default
+(which the published code uses) picks the kept tokens at random and counts padding tokens toward N
+and toward the queues; we exclude padding from both, so the amount of padding in a batch cannot
+change which real tokens are dropped.
+
+Inference: a dropped token at inference would silently change answers, so in eval mode a forward
+with T == 1 (a KV-cache decoding step) never drops. With `capacity_factor_eval >= E / k` (the
+published 2.0 with E=2, k=1) a prefill cannot drop either, so cached and uncached generation agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medplib.config import MoEConfig
+from medplib.errors import ConfigError
+
+# Small normal router init (std as transformers' `initializer_range`): routing starts as a near-random
+# split with gates close to 1/E, so every expert receives tokens and gradients from the first step.
+# A zero router would tie all logits and send every token to expert 0 until the router moved.
+ROUTER_INIT_STD = 0.02
+
+
+class MoEMLP(nn.Module):
+    """Top-k MoE with capacity, padding-aware routing, auxiliary losses and routing statistics.
+
+    A drop-in replacement for a decoder layer's `mlp`: `forward(x: (B, T, H)) -> (B, T, H)`.
+    Optional per-batch inputs are set before the forward and stay until replaced or cleared:
+    `set_token_mask((B, T) bool, True = real token)` and `set_token_groups((B, T) long)`.
+
+    After each forward:
+        aux_loss: scalar tensor, aux_loss_coef * balance + z_loss_coef * z (0 when both coefs are 0)
+        last_counts: (E,) long, router selections per expert over non-padding tokens (before capacity;
+            sums to N * k)
+        last_dropped: int, selections dropped by capacity
+        group_counts: (num_groups, E) long, selections per token group, accumulated over forwards
+            until `reset_stats()` (with activation checkpointing the recompute counts again: collect
+            statistics without it)
+    """
+
+    def __init__(self, experts: list[nn.Module], hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        if len(experts) < 1 or len(experts) != cfg.num_experts:
+            raise ConfigError(f"MoEMLP got {len(experts)} experts but moe.num_experts is {cfg.num_experts}")
+        if not 1 <= cfg.top_k <= cfg.num_experts:
+            raise ConfigError(f"moe.top_k must be in 1..{cfg.num_experts}, got {cfg.top_k}")
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.experts = nn.ModuleList(experts)
+        self.router = nn.Linear(hidden_size, self.num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD)
+        self.forced_expert: int | None = None
+        self._token_mask: Tensor | None = None
+        self._token_groups: Tensor | None = None
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_counts: Tensor = torch.zeros(self.num_experts, dtype=torch.long)
+        self.last_dropped: int = 0
+        self.reset_stats()
+
+    def set_token_mask(self, mask: Tensor | None) -> None:
+        """mask: (B, T), True/1 for real tokens, False/0 for padding; None = every token is real."""
+        self._token_mask = None if mask is None else mask.bool()
+
+    def set_token_groups(self, groups: Tensor | None) -> None:
+        """groups: (B, T) non-negative small ints (e.g. 0 text/VQA, 1 region, 2 grounding); None = no group statistics."""
+        self._token_groups = None if groups is None else groups.long()
+
+    def reset_stats(self) -> None:
+        """Clear the accumulated per-group counts."""
+        self.group_counts: Tensor = torch.zeros(0, self.num_experts, dtype=torch.long)
+
+    def capacity(self, n_tokens: int, seq_len: int) -> int | None:
+        """Per-expert capacity for `n_tokens` non-padding tokens; None = unlimited."""
+        if not self.training and seq_len == 1:
+            return None
+        factor = self.cfg.capacity_factor_train if self.training else self.cfg.capacity_factor_eval
+        # The epsilon keeps float round-off just above an integer (2.0000000000000004) from adding a slot.
+        return math.ceil(factor * n_tokens * self.top_k / self.num_experts - 1e-9)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, H) -> (B, T, H)."""
+        if x.dim() != 3:
+            raise ValueError(f"MoEMLP expects (B, T, H) input, got shape {tuple(x.shape)}")
+        B, T, H = x.shape
+        flat = x.reshape(B * T, H)
+        valid = self._per_token(self._token_mask, B, T, x.device, "token mask")
+
+        # fp32 routing even under autocast: bf16 logits flip near-tied choices between otherwise equal runs.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(flat.float(), self.router.weight.float())  # (B*T, E)
+        probs = logits.softmax(dim=-1)
+        if self.forced_expert is None:
+            gates, choice = probs.topk(self.top_k, dim=-1)  # (B*T, k)
+            if self.top_k > 1:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+        else:
+            choice = torch.full((B * T, 1), self.forced_expert, dtype=torch.long, device=x.device)
+            gates = torch.ones(B * T, 1, dtype=probs.dtype, device=x.device)
+        k = choice.shape[1]
+
+        selected = F.one_hot(choice, self.num_experts)  # (B*T, k, E)
+        if valid is not None:
+            selected = selected * valid[:, None, None]
+        n_tokens = B * T if valid is None else int(valid.sum())
+        cap = None if self.forced_expert is not None else self.capacity(n_tokens, T)
+        if cap is None:
+            kept = selected.bool()
+        else:
+            # Position of each selection in its expert's queue: choice-major, then token order.
+            queue = selected.transpose(0, 1).reshape(k * B * T, self.num_experts)
+            position = queue.cumsum(dim=0) - 1
+            kept = ((queue > 0) & (position < cap)).reshape(k, B * T, self.num_experts).transpose(0, 1)
+
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = kept[:, :, e].nonzero(as_tuple=True)
+            if token.numel() == 0:
+                continue
+            gate = gates[token, slot].unsqueeze(-1)  # (n, 1) fp32
+            if token.numel() == B * T:
+                # Every token here (the usual batch-1 decoding step, or forced routing): skip the
+                # gather/scatter, so forced routing is bit-identical to the dense MLP.
+                out = out + (expert(x).reshape(B * T, H) * gate).to(out.dtype)
+            else:
+                y = expert(flat.index_select(0, token))
+                out = out.index_add(0, token, (y * gate).to(out.dtype))
+
+        self._record(logits, probs, selected, kept, valid, n_tokens, B, T)
+        return out.reshape(B, T, H)
+
+    def _per_token(self, value: Tensor | None, B: int, T: int, device: torch.device, name: str) -> Tensor | None:
+        if value is None:
+            return None
+        if tuple(value.shape) != (B, T):
+            raise ValueError(
+                f"MoE {name} has shape {tuple(value.shape)} but the input is ({B}, {T}); "
+                f"set it for this batch or clear it with None"
+            )
+        return value.reshape(B * T).to(device)
+
+    def _record(self, logits: Tensor, probs: Tensor, selected: Tensor, kept: Tensor, valid: Tensor | None,
+                n_tokens: int, B: int, T: int) -> None:
+        """Store aux_loss, last_counts, last_dropped and accumulate group_counts.
+
+        logits, probs: (B*T, E) fp32; selected, kept: (B*T, k, E); valid: (B*T,) bool or None.
+        """
+        counts = selected.sum(dim=(0, 1))  # (E,)
+        self.last_counts = counts.detach()
+        self.last_dropped = int(counts.sum() - kept.sum())
+
+        aux = logits.new_zeros(())
+        cfg = self.cfg
+        if n_tokens > 0 and (cfg.aux_loss_coef or cfg.z_loss_coef):
+            real_logits, real_probs = (logits, probs) if valid is None else (logits[valid], probs[valid])
+            if cfg.aux_loss_coef:
+                # Switch / GShard balance: E * sum_e f_e * P_e, f_e = share of selections (sums to 1
+                # for any k), P_e = mean router probability; 1.0 when perfectly balanced.
+                f = counts.float() / counts.sum()
+                p = real_probs.mean(dim=0)
+                aux = aux + cfg.aux_loss_coef * self.num_experts * (f * p).sum()
+            if cfg.z_loss_coef:
+                # ST-MoE router z-loss: mean of squared log-partition, keeps logits small.
+                aux = aux + cfg.z_loss_coef * real_logits.logsumexp(dim=-1).square().mean()
+        self.aux_loss = aux
+
+        groups = self._per_token(self._token_groups, B, T, logits.device, "token groups")
+        if groups is None:
+            return
+        per_token = selected.sum(dim=1)  # (B*T, E), padding rows are zero
+        if valid is not None:
+            groups = groups[valid]
+            per_token = per_token[valid]
+        if groups.numel() == 0:
+            return
+        if int(groups.min()) < 0:
+            raise ValueError("MoE token groups must be non-negative")
+        n_groups = max(int(groups.max()) + 1, self.group_counts.shape[0])
+        acc = torch.zeros(n_groups, self.num_experts, dtype=torch.long, device=per_token.device)
+        acc[: self.group_counts.shape[0]] += self.group_counts.to(per_token.device)
+        acc.index_add_(0, groups, per_token.long())
+        self.group_counts = acc
+
+
+def moe_from_dense(dense_mlps: list[nn.Module], hidden_size: int, cfg: MoEConfig) -> MoEMLP:
+    """Upcycle: deep copies of `dense_mlps` become the experts, in order; the router is fresh
+    (normal, std ROUTER_INIT_STD) with the dtype and device of the first expert's parameters."""
+    experts = [copy.deepcopy(m) for m in dense_mlps]
+    moe = MoEMLP(experts, hidden_size, cfg)
+    ref = next(experts[0].parameters(), None)
+    if ref is not None:
+        moe.router.to(device=ref.device, dtype=ref.dtype)
+    return moe
+
+
+def replace_mlps_with_moe(llm: nn.Module, cfg: MoEConfig, expert_sources: list[nn.Module] | None = None) -> None:
+    """Swap every `llm.model.layers[i].mlp` of a transformers causal LM for an MoEMLP, in place.
+
+    expert_sources=None: each expert is a copy of that layer's own MLP. Otherwise a list of E dense
+    causal LMs of the same architecture: expert e of layer i copies `expert_sources[e].model.layers[i].mlp`
+    (stage IV: [stage III model, stage II model]).
+    """
+    if cfg.num_experts < 1:
+        raise ConfigError("replace_mlps_with_moe needs moe.num_experts >= 1")
+    layers = llm.model.layers
+    if expert_sources is not None:
+        if len(expert_sources) != cfg.num_experts:
+            raise ConfigError(f"{len(expert_sources)} expert sources for moe.num_experts={cfg.num_experts}")
+        for src in expert_sources:
+            if len(src.model.layers) != len(layers):
+                raise ConfigError(
+                    f"expert source has {len(src.model.layers)} layers, the model has {len(layers)}"
+                )
+    hidden_size = int(llm.config.hidden_size)
+    for i, layer in enumerate(layers):
+        if isinstance(layer.mlp, MoEMLP):
+            raise ConfigError(f"layer {i} already has an MoE MLP")
+        if expert_sources is None:
+            dense = [layer.mlp] * cfg.num_experts
+        else:
+            dense = [src.model.layers[i].mlp for src in expert_sources]
+            if any(isinstance(m, MoEMLP) for m in dense):
+                raise ConfigError(f"expert source layer {i} is already an MoE; sources must be dense models")
+        layer.mlp = moe_from_dense(dense, hidden_size, cfg)
+
+
+def moe_layers(module: nn.Module) -> list[MoEMLP]:
+    """Every MoEMLP inside `module`, in module order."""
+    return [m for m in module.modules() if isinstance(m, MoEMLP)]
+
+
+def force_expert(llm: nn.Module, e: int | None) -> None:
+    """Analysis hook: every router sends every token to expert `e` with gate 1.0 and no capacity
+    limit, so an upcycled model reproduces the dense model of expert e; None restores routing.
+
+    Bit-exact when no token mask is set (the expert then runs on the whole (B, T, H) input, as the
+    dense MLP does); with padding masked out, real tokens match up to matmul round-off, since the
+    expert sees a gathered (n, H) batch, and padding positions get zero."""
+    for m in moe_layers(llm):
+        if e is not None and not 0 <= e < m.num_experts:
+            raise ValueError(f"expert {e} out of range for {m.num_experts} experts")
+        m.forced_expert = e
