@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import Tensor
 
 from medplib.config import preset
+from medplib.errors import CheckpointError
 from medplib.model.mask_decoder import MaskDecoder, postprocess_masks
 from medplib.model.pixel_encoder import PixelEncoder
+from medplib.model.sam_checkpoint import load_sam_checkpoint, sam_state_dict_to_medplib
 
 
 @pytest.fixture()
@@ -113,3 +119,88 @@ def test_paper_shapes_on_meta() -> None:
     assert count(enc) == 267_177_216
     # SAM's decoder (4,058,340) minus the three unused multimask hypernetworks/IoU rows, plus no_mask_embed.
     assert count(dec) == 3_638_401
+
+
+def _sam_layout(enc: PixelEncoder, dec: MaskDecoder) -> dict[str, Tensor]:
+    """Our weights under segment-anything's names, with the SAM parts medplib drops added back."""
+    sd = {f"image_encoder.{k}": v.clone() for k, v in enc.state_dict().items()}
+    for k, v in dec.state_dict().items():
+        prefix = "prompt_encoder" if k.startswith(("pe_layer.", "no_mask_embed.")) else "mask_decoder"
+        sd[f"{prefix}.{k}"] = v.clone()
+    dim = dec.cfg.transformer_dim
+    # SAM has four hypernetworks and four IoU outputs (one per mask token); medplib keeps number 0.
+    for i in (1, 2, 3):
+        for k, v in dec.output_hypernetworks_mlps[0].state_dict().items():
+            sd[f"mask_decoder.output_hypernetworks_mlps.{i}.{k}"] = torch.randn_like(v)
+    last = f"mask_decoder.iou_prediction_head.layers.{dec.cfg.iou_head_depth - 1}"
+    sd[f"{last}.weight"] = torch.cat([sd[f"{last}.weight"], torch.randn(3, dec.cfg.iou_head_hidden_dim)])
+    sd[f"{last}.bias"] = torch.cat([sd[f"{last}.bias"], torch.randn(3)])
+    sd["prompt_encoder.point_embeddings.0.weight"] = torch.randn(1, dim)
+    sd["prompt_encoder.mask_downscaling.0.weight"] = torch.randn(4, 1, 2, 2)
+    return sd
+
+
+def _outputs(enc: PixelEncoder, dec: MaskDecoder, x: Tensor, prompts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.no_grad():
+        emb = enc(x)
+        return (emb, *dec(emb, prompts))
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_sam_layout_checkpoint_round_trip(tiny, tmp_path: Path, fmt: str) -> None:
+    torch.manual_seed(0)
+    enc, dec = PixelEncoder(tiny.pixel).eval(), MaskDecoder(tiny.decoder).eval()
+    sd = _sam_layout(enc, dec)
+    path = tmp_path / f"sam.{fmt}"
+    if fmt == "pth":
+        torch.save({"model": sd, "epoch": 3}, path)  # SAM-Med2D nests the weights under "model"
+    else:
+        save_file(sd, str(path))
+
+    torch.manual_seed(1)
+    enc2, dec2 = PixelEncoder(tiny.pixel).eval(), MaskDecoder(tiny.decoder).eval()
+    x, prompts = torch.randn(2, 3, 256, 256), torch.randn(2, 1, tiny.decoder.transformer_dim)
+    before = _outputs(enc2, dec2, x, prompts)
+    load_sam_checkpoint(path, enc2, dec2)
+    after, expected = _outputs(enc2, dec2, x, prompts), _outputs(enc, dec, x, prompts)
+    assert not torch.equal(before[1], expected[1])
+    for got, want in zip(after, expected):
+        assert torch.equal(got, want)
+
+
+class _Payload:
+    """Any class: unpickling it would run arbitrary code paths, so it must be refused."""
+
+
+def test_pickled_object_is_refused(tiny, tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"image_encoder.pos_embed": torch.zeros(1)}, "payload": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_sam_checkpoint(path, PixelEncoder(tiny.pixel), MaskDecoder(tiny.decoder))
+
+
+def test_missing_adapter_keys_are_reported(tiny, tmp_path: Path) -> None:
+    plain = PixelEncoder(dataclasses.replace(tiny.pixel, adapter=False))
+    path = tmp_path / "medsam.safetensors"
+    save_file(_sam_layout(plain, MaskDecoder(tiny.decoder)), str(path))
+    with pytest.raises(CheckpointError, match=r"missing: blocks\.0\.Adapter.*pixel\.adapter=false"):
+        load_sam_checkpoint(path, PixelEncoder(tiny.pixel), MaskDecoder(tiny.decoder))
+
+
+def test_positions_resized_from_1024px_checkpoint(tiny) -> None:
+    cfg = tiny.pixel  # grid 16, window 8, global attention in block 1
+    head_dim = cfg.embed_dim // cfg.num_heads
+    sd = {
+        "image_encoder.pos_embed": torch.full((1, 64, 64, cfg.embed_dim), 0.5),
+        "image_encoder.blocks.0.attn.rel_pos_h": torch.randn(2 * 14 - 1, head_dim),  # SAM's window 14
+        "image_encoder.blocks.1.attn.rel_pos_h": torch.randn(2 * 64 - 1, head_dim),  # global at 64 x 64
+        "image_encoder.blocks.1.attn.rel_pos_w": torch.randn(2 * 64 - 1, head_dim),
+    }
+    enc_sd, dec_sd = sam_state_dict_to_medplib(sd, cfg)
+    assert enc_sd["pos_embed"].shape == (1, 16, 16, cfg.embed_dim)
+    assert torch.allclose(enc_sd["pos_embed"], torch.tensor(0.5))  # a constant stays constant
+    assert enc_sd["blocks.0.attn.rel_pos_h"].shape == (2 * 8 - 1, head_dim)
+    assert enc_sd["blocks.1.attn.rel_pos_h"].shape == enc_sd["blocks.1.attn.rel_pos_w"].shape == (31, head_dim)
+    assert not dec_sd
+    # Without a config nothing is resized.
+    assert sam_state_dict_to_medplib(sd)[0]["pos_embed"].shape == (1, 64, 64, cfg.embed_dim)
