@@ -1,7 +1,7 @@
 """predictions.jsonl: an append-only, resumable store of prediction records.
 
 One JSON object per line, written and flushed one at a time, so a crash loses at most the line
-being written; a torn last line is ignored on reading. Masks given as arrays are saved as PNG
+being written; a torn last line is ignored on reading and cut before the next append. Masks given as arrays are saved as PNG
 files beside the store (`masks/<id>.<field>.png`, binarised as in `masks.binarize`: float > 0.5,
 other dtypes non-zero) and the record keeps their path relative to the store's folder; paths
 given for images and masks are stored absolute.
@@ -64,16 +64,23 @@ class PredictionStore:
         if rec.get("image") is not None:
             rec["image"] = _absolute(rec["image"])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A torn last line (from a crash) must not swallow the next record.
-        needs_newline = False
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            with self.path.open("rb") as fh:
-                fh.seek(-1, 2)
-                needs_newline = fh.read(1) != b"\n"
+        self._drop_torn_tail()
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(("\n" if needs_newline else "") + json.dumps(rec, ensure_ascii=False, default=_jsonable) + "\n")
+            fh.write(json.dumps(rec, ensure_ascii=False, default=_jsonable) + "\n")
             fh.flush()
         return rec
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line left unterminated by a crash, so the next record starts a clean line."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        with self.path.open("rb+") as fh:
+            fh.seek(-1, 2)
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(0)
+            data = fh.read()
+            fh.truncate(data.rfind(b"\n") + 1)
 
     def _save_mask(self, rid: str, key: str, mask: Any) -> str:
         arr = np.asarray(mask)
