@@ -61,25 +61,46 @@ class MaskScores:
     convention: MaskConvention = field(default_factory=MaskConvention)
 
 
-def binarize(masks: np.ndarray | torch.Tensor, threshold: float = 0.5, logits: bool = False) -> torch.Tensor:
-    """(N, H, W) or (H, W) bool/int/float masks -> bool tensor of the same shape."""
-    t = torch.as_tensor(masks)
-    if t.dtype == torch.bool:
-        return t
-    if not t.is_floating_point():
-        return t != 0
+def binarize(masks: np.ndarray | torch.Tensor, threshold: float = 0.5, logits: bool = False) -> np.ndarray:
+    """(N, H, W) or (H, W) bool/int/float masks (numpy or torch, any device) -> bool numpy array."""
+    arr = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if arr.dtype == np.bool_:
+        return arr
+    if arr.dtype.kind != "f":
+        return arr != 0
     if logits:
-        t = torch.sigmoid(t)
-    return t > threshold
+        # sigmoid(x) > t  <=>  x > log(t / (1 - t)): no sigmoid pass over every pixel.
+        if threshold <= 0:
+            return np.ones(arr.shape, dtype=bool)
+        if threshold >= 1:
+            return np.zeros(arr.shape, dtype=bool)
+        return arr > np.log(threshold / (1 - threshold))
+    return arr > threshold
 
 
-def _batch(masks: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
-    t = torch.as_tensor(masks)
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3:
-        raise InputError(f"{name} must have shape (N, H, W) or (H, W), got {tuple(t.shape)}")
-    return t
+def _batch(masks: np.ndarray, name: str) -> np.ndarray:
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3:
+        raise InputError(f"{name} must have shape (N, H, W) or (H, W), got {tuple(masks.shape)}")
+    return masks
+
+
+def _popcounts(p: np.ndarray, g: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """|P & G|, |P|, |G| per sample of bool (N, H, W) arrays, each (N,) int64.
+
+    Bits are packed 8 to a byte and counted with a hardware popcount, in chunks so memory
+    stays bounded (about 4x faster than counting bools, no (N, H, W) int temporaries).
+    """
+    n = p.shape[0]
+    out = np.zeros((3, n), dtype=np.int64)
+    for i in range(0, n, chunk):
+        pp = np.packbits(p[i : i + chunk].reshape(min(chunk, n - i), -1), axis=1)
+        gg = np.packbits(g[i : i + chunk].reshape(pp.shape[0], -1), axis=1)
+        out[0, i : i + chunk] = np.bitwise_count(pp & gg).sum(axis=1, dtype=np.int64)
+        out[1, i : i + chunk] = np.bitwise_count(pp).sum(axis=1, dtype=np.int64)
+        out[2, i : i + chunk] = np.bitwise_count(gg).sum(axis=1, dtype=np.int64)
+    return out[0], out[1], out[2]
 
 
 def mask_overlap(
@@ -89,36 +110,30 @@ def mask_overlap(
 ) -> MaskScores:
     """Per-sample Dice and IoU of predictions (N, H, W) against ground truth (N, H, W).
 
-    `pred` is thresholded by the convention; `gt` must be binary (bool, or any dtype where
-    non-zero is foreground).
+    `pred` is thresholded by the convention; `gt` is bool, integer (non-zero is foreground) or
+    float (> 0.5). Torch tensors on any device are accepted (copied to the CPU).
     """
-    p = _batch(pred, "pred")
-    g = _batch(gt, "gt")
+    p = _batch(binarize(pred, convention.threshold, convention.logits), "pred")
+    g = _batch(binarize(gt), "gt")
     if p.shape != g.shape:
         raise InputError(f"prediction shape {tuple(p.shape)} does not match ground truth {tuple(g.shape)}")
-    pb = binarize(p, convention.threshold, convention.logits)
-    gb = g.bool() if g.dtype != torch.bool else g
-    inter = (pb & gb).sum(dim=(1, 2)).double()
-    p_area = pb.sum(dim=(1, 2)).double()
-    g_area = gb.sum(dim=(1, 2)).double()
+    inter_i, p_i, g_i = _popcounts(np.ascontiguousarray(p), np.ascontiguousarray(g))
+    inter, p_area, g_area = inter_i.astype(np.float64), p_i.astype(np.float64), g_i.astype(np.float64)
     union = p_area + g_area - inter
     both_empty = union == 0
-    safe_union = torch.where(both_empty, torch.ones_like(union), union)
-    iou = inter / safe_union
+    iou = inter / np.where(both_empty, 1.0, union)
     if convention.dice == "from_iou":
         dice = 2 * iou / (1 + iou)
     else:
-        dice = 2 * inter / torch.where(both_empty, torch.ones_like(union), p_area + g_area)
+        dice = 2 * inter / np.where(both_empty, 1.0, p_area + g_area)
     fill = _FILL[convention.both_empty]
-    iou = torch.where(both_empty, torch.full_like(iou, fill), iou)
-    dice = torch.where(both_empty, torch.full_like(dice, fill), dice)
     return MaskScores(
-        dice=dice.numpy(),
-        iou=iou.numpy(),
-        intersection=inter.numpy(),
-        union=union.numpy(),
-        pred_area=p_area.numpy(),
-        gt_area=g_area.numpy(),
+        dice=np.where(both_empty, fill, dice),
+        iou=np.where(both_empty, fill, iou),
+        intersection=inter,
+        union=union,
+        pred_area=p_area,
+        gt_area=g_area,
         convention=convention,
     )
 

@@ -89,7 +89,7 @@ class PredictionStore:
         rel = Path("masks") / f"{_SAFE.sub('_', rid)}.{key}.png"
         out = self.path.parent / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(binarize(arr).numpy().astype(np.uint8) * 255).save(out)
+        Image.fromarray(binarize(arr).astype(np.uint8) * 255).save(out)
         return rel.as_posix()
 
 
