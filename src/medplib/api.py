@@ -89,7 +89,10 @@ class MedPLIB:
         config = MedPLIBConfig.load(folder / CONFIG)
         tok = load_tokenizer(folder)
         model = MedPLIBModel(config, len(tok), _special_ids(tok))
-        state = load_file(str(folder / WEIGHTS))
+        try:
+            state = load_file(str(folder / WEIGHTS))
+        except Exception as exc:  # safetensors raises its own error types for truncated/foreign files
+            raise CheckpointError(f"{folder / WEIGHTS} is not a readable safetensors file: {exc}") from None
         own = model.state_dict()
         # safetensors stores a tied tensor once; the model's other name for it is filled by tying.
         missing = [k for k in own if k not in state and not _is_tied(model, k)]

@@ -107,6 +107,7 @@ class RegionConfig:
     max_points: int = 512  # points sampled inside a region mask before mean-pooling (published)
     point_size: int = 41  # side of the square (or diameter of the disc) a point becomes, in vision-input pixels
     point_shape: Literal["square", "disc"] = "square"
+    spatial: bool = False  # add a (zero-initialised) geometry term to region tokens; see model/regions.py
 
 
 @dataclass
@@ -230,7 +231,7 @@ def _tiny() -> MedPLIBConfig:
         pixel=PixelEncoderConfig(embed_dim=64, depth=2, num_heads=2, window_size=8, global_attn_indexes=(1,),
                                  out_chans=64, freeze=False),
         decoder=MaskDecoderConfig(transformer_dim=64, depth=2, num_heads=4, mlp_dim=128, iou_head_hidden_dim=64),
-        region=RegionConfig(max_points=128, point_size=14),
+        region=RegionConfig(max_points=128, point_size=14, spatial=True),
         tokenizer=TokenizerConfig(vocab_size=1024, model_max_length=512),
         max_new_tokens=24,
     )
@@ -249,7 +250,7 @@ def _small() -> MedPLIBConfig:
         pixel=PixelEncoderConfig(embed_dim=192, depth=4, num_heads=3, window_size=8, global_attn_indexes=(1, 3),
                                  out_chans=128, freeze=False),
         decoder=MaskDecoderConfig(transformer_dim=128, depth=2, num_heads=8, mlp_dim=512, iou_head_hidden_dim=128),
-        region=RegionConfig(max_points=256, point_size=27),
+        region=RegionConfig(max_points=256, point_size=27, spatial=True),
         tokenizer=TokenizerConfig(vocab_size=2048, model_max_length=1024),
     )
 

@@ -83,7 +83,7 @@ class MedPLIBModel(nn.Module):
         self.llm = _build_llm(cfg, vocab_size, ids)
         hidden = self.llm.config.hidden_size
         self.projector = build_projector(cfg.projector, self.vision.hidden_size, hidden)
-        self.region_encoder = RegionEncoder(self.vision.hidden_size, hidden, cfg.region.max_points)
+        self.region_encoder = RegionEncoder(self.vision.hidden_size, hidden, cfg.region.max_points, cfg.region.spatial)
         self.pixel_encoder = PixelEncoder(cfg.pixel)
         if cfg.pixel.freeze:
             self.pixel_encoder.requires_grad_(False)

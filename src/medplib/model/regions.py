@@ -4,6 +4,12 @@ Published recipe: sample up to `max_points` points inside the region, bilinearly
 (un-projected) vision features there, mean-pool, then Linear(vision_dim, llm_dim). Points are
 taken at the vision input resolution, so a region smaller than one patch still yields features
 (the published code rasterises onto the patch grid, where such a region vanishes).
+
+Optional extension (`spatial=True`, on in the tiny/small presets): a Linear over the region's
+geometry (normalised box, centroid, sqrt of area) is added to the token. Mean-pooling discards
+where a region is, so "left lung" vs "right lung" must otherwise be read from the features
+alone, which a small tower trained from scratch cannot do. The layer starts at zero, so a model
+with it behaves exactly like the published encoder until it trains.
 """
 
 from __future__ import annotations
@@ -14,10 +20,24 @@ from torch import nn
 
 
 class RegionEncoder(nn.Module):
-    def __init__(self, vision_dim: int, llm_dim: int, max_points: int):
+    def __init__(self, vision_dim: int, llm_dim: int, max_points: int, spatial: bool = False):
         super().__init__()
         self.proj = nn.Linear(vision_dim, llm_dim)
         self.max_points = max_points
+        self.spatial = nn.Linear(7, llm_dim) if spatial else None
+        if self.spatial is not None:
+            nn.init.zeros_(self.spatial.weight)
+            nn.init.zeros_(self.spatial.bias)
+
+    @staticmethod
+    def _geometry(mask: torch.Tensor) -> torch.Tensor:
+        """(S, S) bool -> (7,): x1, y1, x2, y2, cx, cy in [-1, 1] and sqrt(area fraction)."""
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        size = mask.shape[-1]
+        x = (xs.float() + 0.5) / size * 2 - 1
+        y = (ys.float() + 0.5) / size * 2 - 1
+        area = torch.tensor(xs.numel() / mask.numel(), device=mask.device).sqrt()
+        return torch.stack([x.min(), y.min(), x.max(), y.max(), x.mean(), y.mean(), area])
 
     def _points(self, mask: torch.Tensor) -> torch.Tensor:
         """(S, S) bool -> (P, 2) normalised (x, y) in [-1, 1] at pixel centres, P <= max_points.
@@ -43,10 +63,15 @@ class RegionEncoder(nn.Module):
             if not masks:
                 out.append(features.new_zeros((0, self.proj.out_features)))
                 continue
-            pooled = []
+            pooled, geometry = [], []
             for m in masks:
-                pts = self._points(m.to(features.device)).to(features.dtype)
+                m = m.to(features.device)
+                pts = self._points(m).to(features.dtype)
                 sampled = F.grid_sample(grid[i : i + 1], pts.view(1, 1, -1, 2), mode="bilinear", align_corners=False)
                 pooled.append(sampled.view(d, -1).mean(dim=1))
-            out.append(self.proj(torch.stack(pooled)))
+                geometry.append(self._geometry(m))
+            tokens = self.proj(torch.stack(pooled))
+            if self.spatial is not None:
+                tokens = tokens + self.spatial(torch.stack(geometry).to(tokens.dtype))
+            out.append(tokens)
         return out
