@@ -117,3 +117,5 @@ def test_box_and_text_records(tmp_path):
     assert boxes["bird_recall@0.5_macro"] == pytest.approx(0.5)
     assert out["metrics"]["text"]["n"] == 1 and 0 < out["metrics"]["text"]["rouge_l"] < 1
     assert (tmp_path / "per_modality.png").is_file() and not (tmp_path / "gallery.png").exists()
+    saved = json.loads((tmp_path / "metrics.json").read_text())  # strict JSON: no NaN tokens
+    assert saved["per_modality"]["xray"]["box_grounding"]["miou"]["low"] is None  # one sample, no interval

@@ -181,14 +181,27 @@ def compute_metrics(
     return {"metrics": metrics, "per_modality": dict(per_modality), "per_question_type": per_question_type}, grounding
 
 
+def _nan_to_none(v: Any) -> Any:
+    """metrics.json is strict JSON: an undefined value (NaN, e.g. an interval of one sample) is null."""
+    if isinstance(v, Mapping):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_nan_to_none(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(v) else float(v)
+    return v
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, Mapping) and "value" in v:
-        if v.get("low") is None or (isinstance(v["low"], float) and math.isnan(v["low"])):
+        if v["value"] is None:
+            return "n/a"
+        if v.get("low") is None:
             return f"{v['value']:.4f}"
         return f"{v['value']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
+        return f"{v:.4f}"
+    return "n/a" if v is None else str(v)
 
 
 def _flat(block: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -289,7 +302,8 @@ def run_report(
             "intervals": f"95% percentile bootstrap, 2000 resamples, seed {seed}",
         },
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    result = _nan_to_none(result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     figures: list[str] = []
     chart = _chart_values(result["per_modality"])
