@@ -29,6 +29,7 @@ from medplib.data.schema import (IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, BoxRegion
 from medplib.errors import ConfigError
 
 TASKS = ("vqa", "region_vqa", "grounding", "box_grounding")
+MAX_BOXES_IN_TEXT = 8
 
 MODALITY_NAMES = {
     "ct": "CT", "mr": "MRI", "xray": "X-ray", "pet": "PET", "endoscopy": "endoscopy", "dermoscopy": "dermoscopy",
@@ -46,6 +47,7 @@ class Instance:
     label: str
     mask: np.ndarray
     path: str | None = None
+    box: tuple[float, float, float, float] | None = None  # an official pixel box; else the mask's box
 
 
 @dataclass
@@ -80,6 +82,7 @@ class _Structure:
     mask: np.ndarray  # (H, W) bool, union of the instances
     path: str  # the merged mask file, relative to the root
     instances: list[np.ndarray]  # (H, W) bool each
+    boxes: list[tuple[float, float, float, float]]  # pixel box per instance
 
 
 _T_MODALITY = ["What imaging modality is this?", "Which modality was used to acquire this image?",
@@ -155,7 +158,8 @@ def merge_instances(item: LabelledImage, root: Path) -> list[_Structure]:
         else:
             path = f"masks_merged/{_stem(item.image)}--{_slug(label)}_merged.png"
             write_mask_png(union, root / path)
-        out.append(_Structure(label, union, path, [i.mask for i in insts]))
+        boxes = [i.box if i.box is not None else mask_to_box(i.mask) for i in insts]
+        out.append(_Structure(label, union, path, [i.mask for i in insts], boxes))
     return out
 
 
@@ -254,7 +258,9 @@ class _Writer:
         h, w = self.structures[0].mask.shape if self.structures else (0, 0)
         grid, fmt = (MED_GRIT_GRID, format_med_grit) if self.cfg.box_format == "med-grit" else (MINIGPT_GRID, format_minigpt)
         for s in self.structures:
-            boxes = [mask_to_box(inst) for inst in s.instances]
+            boxes = s.boxes
+            if len(boxes) > MAX_BOXES_IN_TEXT:
+                continue  # dozens of boxes make an answer no model should learn to write
             text = " ".join(fmt(box_to_grid(b, w, h, grid)) for b in boxes)
             targets = [Target(box=b, label=s.label) for b in boxes]
             yield self.sample("box_grounding", self.pick(_T_BOX).format(l=s.label), f"The {s.label} is at {text}.", "open",

@@ -153,3 +153,17 @@ def read_image(ref: str | Path, root: str | Path = ".") -> ImageData:
     if unknown:
         raise InputError(f"{path}: unknown image option(s) {sorted(unknown)} (frame)")
     return read_pil_image(path, frame=_int_opt(opts, "frame", path) or 0)
+
+
+def image_size(ref: str | Path, root: str | Path = ".") -> tuple[int, int]:
+    """(height, width) of an image, from the header alone where the format allows."""
+    name, opts = parse_options(str(ref))
+    path = Path(name) if Path(name).is_absolute() else Path(root) / name
+    lower = path.name.lower()
+    if not lower.endswith((".nii", ".nii.gz")) and path.is_file() and not is_dicom(path):
+        try:
+            with Image.open(path) as im:
+                return int(im.height), int(im.width)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise InputError(f"{path}: cannot read image ({exc})") from None
+    return read_image(ref, root).size

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from medplib.data.builder import BuildConfig, Instance, LabelledImage, build_samples
+from medplib.data.masks import write_mask_png
+from medplib.data.schema import write_jsonl
 from medplib.errors import InputError
 
 MODALITIES = ("ct", "mr", "xray", "pet", "endoscopy", "dermoscopy", "fundus", "ultrasound", "histopathology")
@@ -406,14 +409,11 @@ def _slug(label: str) -> str:
     return label.replace(" ", "_")
 
 
-def write_phantom_dataset(out_dir: Path, n: int, seed: int = 0, size: int | tuple[int, int] = 256,
-                          modalities: Sequence[str] | None = None) -> Path:
-    """Write `n` phantoms (cycling through `modalities`) as images/*.png and one PNG per instance
-    under masks/ (SA-Med2D naming: `<stem>--<label>_<k>.png`), then build instruction samples
-    (VQA, region VQA, grounding) into `<out_dir>/phantoms.jsonl`. Returns the JSONL path."""
-    from medplib.data.builder import BuildConfig, Instance, LabelledImage, build_samples
-    from medplib.data.schema import write_jsonl
-
+def phantom_items(out_dir: Path, n: int, seed: int = 0, size: int | tuple[int, int] = 256,
+                  modalities: Sequence[str] | None = None) -> Iterator[LabelledImage]:
+    """Generate `n` phantoms (cycling through `modalities`), write images/<stem>.png and one PNG per
+    instance under masks/ (SA-Med2D naming: `<stem>--<label>_<k>.png`), and yield them as labelled
+    images for the instruction builder. Phantom i depends only on (seed, i)."""
     out_dir = Path(out_dir)
     mods = tuple(modalities) if modalities else MODALITIES
     for m in mods:
@@ -421,7 +421,6 @@ def write_phantom_dataset(out_dir: Path, n: int, seed: int = 0, size: int | tupl
             raise InputError(f"unknown phantom modality {m!r}; choose from {', '.join(MODALITIES)}")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    records = []
     for i in range(n):
         modality = mods[i % len(mods)]
         ph = make_phantom(modality, seed=int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0]), size=size)
@@ -431,10 +430,17 @@ def write_phantom_dataset(out_dir: Path, n: int, seed: int = 0, size: int | tupl
         for label, insts in ph.instances.items():
             for k, inst in enumerate(insts):
                 rel = f"masks/{stem}--{_slug(label)}_{k}.png"
-                Image.fromarray(inst.astype(np.uint8) * 255).save(out_dir / rel)
+                write_mask_png(inst, out_dir / rel)
                 instances.append(Instance(label=label, mask=inst, path=rel))
-        records.append(LabelledImage(image=f"images/{stem}.png", modality=modality, instances=instances,
-                                     group=stem, source="phantoms", vocabulary=LABELS[modality]))
-    out = out_dir / "phantoms.jsonl"
-    write_jsonl(build_samples(records, out_dir, BuildConfig(seed=seed)), out)
+        yield LabelledImage(image=f"images/{stem}.png", modality=modality, instances=instances, group=stem,
+                            source="phantoms", vocabulary=LABELS[modality])
+
+
+def write_phantom_dataset(out_dir: Path, n: int, seed: int = 0, size: int | tuple[int, int] = 256,
+                          modalities: Sequence[str] | None = None) -> Path:
+    """Write `n` phantoms (see `phantom_items`) and their instruction samples (VQA, region VQA,
+    grounding, box grounding) to `<out_dir>/phantoms.jsonl`. Returns the JSONL path."""
+    out = Path(out_dir) / "phantoms.jsonl"
+    items = phantom_items(Path(out_dir), n, seed, size, modalities)
+    write_jsonl(build_samples(items, Path(out_dir), BuildConfig(seed=seed)), out)
     return out
