@@ -155,5 +155,5 @@ def export(
         raise _fail(exc) from None
     for reason in skipped[:10]:
         typer.echo(f"skipped: {reason}", err=True)
-    more = f" (first 10 reasons shown)" if len(skipped) > 10 else ""
+    more = " (first 10 reasons shown)" if len(skipped) > 10 else ""
     typer.echo(f"wrote {written} records to {target}; skipped {len(skipped)}{more}")

@@ -54,25 +54,27 @@ def _first(value: object) -> float:
 def read_dicom(path: str | Path, window: str | tuple[float, float] | None = None, frame: int = 0) -> ImageData:
     """A DICOM image -> ImageData. raw is (H, W) float64 after rescale (HU for CT) for grey images,
     (H, W, 3) for colour ones. `frame` picks one frame of a multi-frame file."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image file not found")
     try:
-        ds = pydicom.dcmread(path)
-        if "PixelData" not in ds:
-            raise InputError(f"{path}: DICOM file has no pixel data")
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if not 0 <= frame < n_frames:
-            raise InputError(f"{path}: frame {frame} out of range (the file has {n_frames})")
-        pixels = ds.pixel_array
+        return _read_dicom(path, window, frame)
     except InputError:
         raise
-    except (InvalidDicomError, AttributeError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
-            RuntimeError) as exc:
-        raise InputError(f"{path}: cannot read DICOM ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt files
+        raise InputError(f"{path}: cannot read DICOM ({type(exc).__name__}: {exc})") from None
+
+
+def _read_dicom(path: Path, window: str | tuple[float, float] | None, frame: int) -> ImageData:
+    import pydicom
+
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise InputError(f"{path}: DICOM file has no pixel data")
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 0 <= frame < n_frames:
+        raise InputError(f"{path}: frame {frame} out of range (the file has {n_frames})")
+    pixels = ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     samples = int(ds.get("SamplesPerPixel", 1))
     if n_frames > 1:

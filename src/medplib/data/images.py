@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageSequence
 
 from medplib.errors import InputError
 
@@ -92,7 +92,9 @@ def read_pil_image(path: str | Path, frame: int = 0) -> ImageData:
             elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
                 page = page.convert("L" if mode == "1" else "RGB")
             raw = np.asarray(page)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt files
         raise InputError(f"{path}: cannot read image ({exc})") from None
     if raw.ndim == 3 and raw.shape[2] in (2, 4):
         raw = raw[..., :-1]  # drop alpha (LA -> L, RGBA -> RGB)
@@ -164,6 +166,6 @@ def image_size(ref: str | Path, root: str | Path = ".") -> tuple[int, int]:
         try:
             with Image.open(path) as im:
                 return int(im.height), int(im.width)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt files
             raise InputError(f"{path}: cannot read image ({exc})") from None
     return read_image(ref, root).size

@@ -11,13 +11,12 @@ Every reader returns (H, W) bool arrays. Conventions:
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from medplib.data.schema import RLE, MaskRef
 from medplib.errors import InputError
@@ -37,7 +36,9 @@ def _read_array(path: Path) -> np.ndarray:
             if im.mode == "P":
                 im = im.convert("RGB") if "transparency" not in im.info else im.convert("RGBA")
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt files
         raise InputError(f"{path}: cannot read mask image ({exc})") from None
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[..., :3]  # alpha is not mask content
@@ -174,7 +175,9 @@ def read_npz_mask(path: str | Path, key: str | None = None) -> np.ndarray:
             if key not in keys:
                 raise InputError(f"{path}: no array {key!r} (has {keys})")
             arr = npz[key]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy/zipfile raise many types on corrupt files
         raise InputError(f"{path}: cannot read NPZ ({exc})") from None
     arr = np.squeeze(arr)
     if arr.ndim != 2:
@@ -195,19 +198,24 @@ class SegFrame:
 
 def read_dicom_seg(path: str | Path) -> list[SegFrame]:
     """All frames of a DICOM Segmentation (BINARY or FRACTIONAL, threshold at half the maximum)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: mask file not found")
     try:
-        ds = pydicom.dcmread(path)
-        if ds.get("Modality") != "SEG" or "SegmentSequence" not in ds:
-            raise InputError(f"{path}: not a DICOM SEG (Modality {ds.get('Modality')!r})")
-        pixels = ds.pixel_array
-    except (InvalidDicomError, AttributeError, ValueError, KeyError, OSError, NotImplementedError) as exc:
-        raise InputError(f"{path}: cannot read DICOM SEG ({exc})") from None
+        return _read_dicom_seg(path)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt files
+        raise InputError(f"{path}: cannot read DICOM SEG ({type(exc).__name__}: {exc})") from None
+
+
+def _read_dicom_seg(path: Path) -> list[SegFrame]:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if ds.get("Modality") != "SEG" or "SegmentSequence" not in ds:
+        raise InputError(f"{path}: not a DICOM SEG (Modality {ds.get('Modality')!r})")
+    pixels = ds.pixel_array
     frames = pixels[None] if pixels.ndim == 2 else pixels
     labels = {int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment {s.SegmentNumber}")) for s in ds.SegmentSequence}
     if ds.get("SegmentationType") == "FRACTIONAL":

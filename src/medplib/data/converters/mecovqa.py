@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from medplib.data.converters.common import load_json, modality_from_name, rebase
-from medplib.data.schema import REGION_TOKEN, SEG_TOKEN, MaskRegion, Sample, Target, Turn, parse_sample
+from medplib.data.schema import REGION_TOKEN, SEG_TOKEN, MaskRegion, Sample, Target, parse_sample
 from medplib.errors import DataValidationError, InputError
 
 MECOVQA_SEG = "<SEG>"
