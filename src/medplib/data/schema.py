@@ -148,8 +148,12 @@ def read_jsonl(path: str | Path) -> Iterator[Sample]:
     path = Path(path)
     if not path.is_file():
         raise DataValidationError("file not found", path=str(path))
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw_bytes in enumerate(fh, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataValidationError(f"not UTF-8 text ({exc.reason})", path=str(path), line=lineno) from None
             if not raw.strip():
                 continue
             try:

@@ -1,0 +1,61 @@
+"""`medplib data` commands on the real datasets and on phantoms: build, validate, stats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medplib.data.commands import data_app
+from medplib.data.schema import read_jsonl
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("source,folder,extra", [
+    ("vqa-rad", "vqa_rad", []),
+    ("kvasir", "kvasir_seg", []),
+    ("lvit", "monuseg_lvit_text", []),
+    ("sa-med2d", "sam_med2d_demo", ["--modality", "ct"]),
+])
+def test_build_real_datasets(shared_data: Path, tmp_path: Path, source: str, folder: str, extra: list[str]) -> None:
+    res = runner.invoke(data_app, ["build", str(shared_data / folder), "--source", source, "--out", str(tmp_path), *extra])
+    assert res.exit_code == 0, res.output
+    assert "task:" in res.output and "modality:" in res.output  # stats are printed
+    samples = list(read_jsonl(tmp_path / "samples.jsonl"))
+    assert samples and all(s.source for s in samples)
+    checked = runner.invoke(data_app, ["validate", str(tmp_path / "samples.jsonl")])
+    assert checked.exit_code == 0 and f"{len(samples)} samples valid" in checked.output
+    if source == "sa-med2d":
+        assert {s.split for s in samples} == {"train", "test"}
+        groups = {}
+        for s in samples:  # no volume in two splits
+            groups.setdefault(s.group, set()).add(s.split)
+        assert all(len(v) == 1 for v in groups.values())
+        assert runner.invoke(data_app, ["validate", str(tmp_path / "samples.jsonl"), "--check-files"]).exit_code == 0
+
+
+def test_build_phantoms_is_deterministic_and_stats_json(tmp_path: Path) -> None:
+    args = ["build", "--source", "phantoms", "--n", "9", "--size", "96", "--seed", "4"]
+    assert runner.invoke(data_app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
+    assert runner.invoke(data_app, [*args, "--out", str(tmp_path / "b")]).exit_code == 0
+    assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+    res = runner.invoke(data_app, ["stats", str(tmp_path / "a" / "samples.jsonl"), "--json"])
+    stats = json.loads(res.output)
+    assert stats["images"] == 9 and set(stats["task"]) == {"vqa", "region_vqa", "grounding", "box_grounding"}
+    assert runner.invoke(data_app, ["validate", str(tmp_path / "a" / "samples.jsonl"), "--check-files"]).exit_code == 0
+    only = runner.invoke(data_app, [*args, "--tasks", "grounding", "--out", str(tmp_path / "c")])
+    assert only.exit_code == 0 and "task: grounding=" in only.output
+
+
+def test_errors_are_one_line_with_exit_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "image": "a.png", "conversations": [{"role": "user", "content": "hi"}]}\n')
+    res = runner.invoke(data_app, ["validate", str(bad)])
+    assert res.exit_code == 1 and "bad.jsonl:1" in res.output and "conversations" in res.output
+    res = runner.invoke(data_app, ["build", str(tmp_path), "--source", "kvasir", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "Kvasir-SEG layout" in res.output
+    res = runner.invoke(data_app, ["build", "--source", "phantoms", "--out", str(tmp_path / "p"), "--tasks", "dance"])
+    assert res.exit_code == 1 and "unknown task" in res.output
