@@ -107,7 +107,7 @@ class RegionConfig:
     max_points: int = 512  # points sampled inside a region mask before mean-pooling (published)
     point_size: int = 41  # side of the square (or diameter of the disc) a point becomes, in vision-input pixels
     point_shape: Literal["square", "disc"] = "square"
-    spatial: bool = False  # add a (zero-initialised) geometry term to region tokens; see model/regions.py
+    spatial: bool = False  # add a geometry term to region tokens (not published); see model/regions.py
 
 
 @dataclass

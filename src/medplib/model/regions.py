@@ -8,8 +8,8 @@ taken at the vision input resolution, so a region smaller than one patch still y
 Optional extension (`spatial=True`, on in the tiny/small presets): a Linear over the region's
 geometry (normalised box, centroid, sqrt of area) is added to the token. Mean-pooling discards
 where a region is, so "left lung" vs "right lung" must otherwise be read from the features
-alone, which a small tower trained from scratch cannot do. The layer starts at zero, so a model
-with it behaves exactly like the published encoder until it trains.
+alone, which a small tower trained from scratch cannot do. It is off in the `paper` preset, so
+published weights keep their exact meaning.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ class RegionEncoder(nn.Module):
         self.proj = nn.Linear(vision_dim, llm_dim)
         self.max_points = max_points
         self.spatial = nn.Linear(7, llm_dim) if spatial else None
-        if self.spatial is not None:
-            nn.init.zeros_(self.spatial.weight)
-            nn.init.zeros_(self.spatial.bias)
 
     @staticmethod
     def _geometry(mask: torch.Tensor) -> torch.Tensor:
