@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from transformers import PreTrainedTokenizerBase
 
 from medplib.config import MedPLIBConfig
+from medplib.data.loading import LoadedSample
 from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Turn
 from medplib.errors import InputError
 from medplib.tokenizer import IM_END, IM_START, IMAGE, REGION, SEG
@@ -226,6 +227,11 @@ class Processor:
         if not add_generation_prompt and n_seg != len(targets):
             raise InputError(f"the answers hold {n_seg} {SEG} tokens but {len(targets)} target masks were given")
         return Encoded(torch.tensor(ids), torch.tensor(labels), img, region_masks, targets)
+
+    def encode_loaded(self, loaded: LoadedSample) -> Encoded:
+        """A sample from `medplib.data.loading` (the training Dataset's item) -> Encoded."""
+        masks = [t for t in loaded.target_masks if t is not None]
+        return self.encode(loaded.image, loaded.sample.conversations, loaded.regions, loaded.region_masks, masks)
 
     def collate(self, items: Sequence[Encoded]) -> dict[str, Any]:
         """Right-pad token sequences; images stack; regions and targets stay per-sample lists."""

@@ -1,0 +1,72 @@
+"""The `medplib` command. Thin: each subcommand calls a module; errors print a message, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medplib.errors import MedplibError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pixel-level biomedical multimodal LLMs.")
+
+
+@app.command()
+def info(
+    preset: str = typer.Option("paper", help="tiny, small or paper"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Parameter counts and feature shapes of a preset, built on the meta device (no weights needed)."""
+    from medplib.config import preset as get_preset
+    from medplib.model.summary import PAPER_BASE_VOCAB, build_on_meta, summarize
+    from medplib.tokenizer import EXTRA_SPECIAL
+
+    cfg = get_preset(preset)
+    vocab = PAPER_BASE_VOCAB + len(EXTRA_SPECIAL) if preset == "paper" else cfg.tokenizer.vocab_size
+    s = summarize(build_on_meta(cfg, vocab))
+    if as_json:
+        typer.echo(json.dumps(s.__dict__, indent=2))
+        return
+    typer.echo(f"preset {preset}: {s.total / 1e9:.2f}B parameters in total, {s.active / 1e9:.2f}B active per token")
+    for name, n in s.parts.items():
+        typer.echo(f"  {name:16s} {n / 1e6:10.1f}M")
+    typer.echo(f"  image tokens {s.image_tokens} x {s.vision_width} -> LLM {s.llm_layers} layers x {s.llm_hidden}; "
+               f"pixel embedding {'x'.join(map(str, s.pixel_embedding))}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="folder for the model, overlays and demo.json"),
+    preset: str = typer.Option("small", help="model preset to train"),
+    steps: int = typer.Option(240, help="training steps"),
+    n_train: int = typer.Option(72, help="training phantoms"),
+    retrain: bool = typer.Option(False, help="train again even if a model exists in OUT/model"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train on phantoms, then answer a VQA, a region and a grounding question and write overlays."""
+    from medplib.demo import run_demo
+
+    run_demo(out, preset=preset, steps=steps, n_train=n_train, retrain=retrain, seed=seed, log=typer.echo)
+
+
+def _register_optional() -> None:
+    """Sub-apps live beside the code they drive."""
+    from medplib.data.commands import data_app
+
+    app.add_typer(data_app, name="data", help="Build, validate, inspect and export instruction data.")
+
+
+def main() -> None:
+    _register_optional()
+    try:
+        app()
+    except MedplibError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
