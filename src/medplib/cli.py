@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from medplib.errors import MedplibError
+from medplib.evaluation.commands import eval_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pixel-level biomedical multimodal LLMs.")
 
@@ -50,6 +51,9 @@ def demo(
     from medplib.demo import run_demo
 
     run_demo(out, preset=preset, steps=steps, n_train=n_train, retrain=retrain, seed=seed, log=typer.echo)
+
+
+app.command("eval")(eval_command)
 
 
 def _register_optional() -> None:

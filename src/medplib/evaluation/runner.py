@@ -1,0 +1,296 @@
+"""`medplib eval`: a benchmark's test samples -> the model's answers -> prediction records ->
+`run_report` (metrics.json, predictions.jsonl, report.md, per_modality.png, gallery.png).
+
+A benchmark is a converter from `medplib.data.converters` reading the dataset at `data`, a
+choice of test samples (`select_samples`) and one record per sample (`predict`). Only the first
+exchange of a sample is asked: its question (with its regions) goes to `MedPLIB.generate` and
+the answer is scored against the first reference answer, by task:
+- grounding: the union of the answer's `[SEG]` masks against the union of the targets of the
+  reference's `[SEG]`s; an answer without `[SEG]` is an empty mask (it scores 0, it is not
+  skipped), a reference without `[SEG]` ("there is no X") an empty ground truth;
+- box grounding: `<box>` boxes (or `{<x1><y1><x2><y2>}` for samples built in that format) parsed
+  from the answer and from the reference, in pixels; boxes off the grid are ignored;
+- VQA and region VQA: the answer text (a sample without an answer type counts as open);
+- caption / report: the answer text against the reference.
+A sample that cannot be read or answered is reported and counted as failed, never fatal.
+Re-running with the same OUT skips the samples already in predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, grid_to_box, parse_med_grit, parse_minigpt
+from medplib.data.builder import BuildConfig, Instance, LabelledImage, split_of
+from medplib.data.loading import load_sample
+from medplib.data.masks import rle_encode
+from medplib.data.schema import IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, Sample, Target, Turn, read_jsonl
+from medplib.errors import InputError, MedplibError
+from medplib.evaluation.predictions import PredictionStore
+from medplib.evaluation.report import run_report
+
+BENCHMARKS = ("vqa-rad", "kvasir-seg", "monuseg-text", "sa-med2d", "mecovqa", "med-grit", "jsonl")
+SPLITS = ("test", "val", "train", "all")
+SEGMENT_QUESTION = "Please segment the {label}."
+SEGMENT_ANSWER = f"Sure, it is {SEG_TOKEN}."
+# benchmarks whose --data is one file that already is the evaluation set (no split field to filter)
+_FILE_IS_SPLIT = ("mecovqa", "med-grit")
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_RUN_KEYS = ("benchmark", "model", "data", "split")
+
+
+@dataclass
+class EvalSet:
+    samples: list[Sample]
+    root: Path  # the samples' image and mask paths are relative to it
+
+
+def _grounding_samples(items: Iterable[LabelledImage]) -> Iterator[Sample]:
+    """One "Please segment the {label}." sample per label of each image. The split is the
+    source's, else the group hash that `medplib data build` uses (same seed and fractions), so a
+    model trained on a built file is tested on the images it never saw."""
+    cfg = BuildConfig()
+    for item in items:
+        by_label: dict[str, list[Instance]] = {}
+        for inst in item.instances:
+            if inst.mask.any():
+                by_label.setdefault(inst.label, []).append(inst)
+        stem = Path(item.image).stem
+        group = item.group or stem
+        split = item.split or split_of(group, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        for label, insts in by_label.items():
+            single = len(insts) == 1 and insts[0].path is not None
+            # several instances of a label are one target: their union, kept in memory as RLE
+            mask = insts[0].path if single else rle_encode(np.logical_or.reduce([i.mask for i in insts]))
+            yield Sample(
+                id=f"{item.source}:{stem}:{label}", image=item.image,
+                conversations=[Turn(role="user", content=SEGMENT_QUESTION.format(label=label)),
+                               Turn(role="assistant", content=SEGMENT_ANSWER)],
+                targets=[Target(mask=mask, label=label)], modality=item.modality, task="grounding",
+                answer_type="open", source=item.source, split=split, group=group,  # type: ignore[arg-type]
+            )
+
+
+def _folder(data: Path) -> Path:
+    return data if data.is_dir() else data.parent
+
+
+def _read(benchmark: str, data: Path, modality: str | None, image_dir: Path | None) -> tuple[Iterable[Sample], Path]:
+    """All samples of the dataset at `data` (every split) and the folder their paths are relative to."""
+    if benchmark == "vqa-rad":
+        from medplib.data.converters.vqa import read_vqa
+
+        root = _folder(data)
+        return read_vqa(data, root, flavor="vqa-rad", image_dir=image_dir), root
+    if benchmark == "kvasir-seg":
+        from medplib.data.converters.kvasir import read_kvasir
+
+        # the box file is not in name order; name order makes --limit pick the same images everywhere
+        return sorted(_grounding_samples(read_kvasir(data, data)), key=lambda s: s.id), data
+    if benchmark == "sa-med2d":
+        from medplib.data.converters.sa_med2d import read_sa_med2d
+
+        return sorted(_grounding_samples(read_sa_med2d(data, data, modality=modality)), key=lambda s: s.id), data
+    if benchmark == "monuseg-text":
+        from medplib.data.converters.lvit import read_lvit
+
+        return read_lvit(data, data, target="nuclei", modality=modality or "histopathology"), data
+    if benchmark == "mecovqa":
+        from medplib.data.converters.mecovqa import read_mecovqa
+
+        return read_mecovqa(data, data.parent, image_dir=image_dir), data.parent
+    if benchmark == "med-grit":
+        from medplib.data.converters.med_grit import read_med_grit
+
+        return read_med_grit(data, data.parent, image_dir=image_dir), data.parent
+    if benchmark == "jsonl":
+        return read_jsonl(data), data.parent
+    raise InputError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+
+
+def select_samples(benchmark: str, data: str | Path, *, split: str = "test", limit: int | None = None,
+                 modality: str | None = None, image_dir: str | Path | None = None) -> EvalSet:
+    """The first `limit` samples of `split` (`all`: every split), in the converter's order (name
+    order for Kvasir-SEG and SA-Med2D). MeCoVQA and Med-GRIT files are taken whole."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    data = Path(data)
+    if not data.exists():
+        raise InputError(f"{data}: data path not found")
+    samples, root = _read(benchmark, data, modality, Path(image_dir) if image_dir is not None else None)
+    keep = benchmark in _FILE_IS_SPLIT or split == "all"
+    chosen: list[Sample] = []
+    for s in samples:
+        if keep or s.split == split:
+            chosen.append(s)
+            if limit is not None and len(chosen) == limit:
+                break
+    if not chosen:
+        raise InputError(f"{data}: no {split} samples for benchmark {benchmark} (--split all takes every sample)")
+    return EvalSet(chosen, root)
+
+
+def exchange_task(sample: Sample) -> str:
+    """The task of the sample's first exchange (a multi-turn sample's task may describe a later one)."""
+    question, reference = sample.conversations[0].content, sample.conversations[1].content
+    if sample.task in ("caption", "report"):
+        return sample.task
+    if SEG_TOKEN in reference or sample.task == "grounding":
+        return "grounding"
+    if _grid_boxes(reference, _box_format(sample)):
+        return "box_grounding"
+    return "region_vqa" if REGION_TOKEN in question else "vqa"
+
+
+def _box_format(sample: Sample) -> str:
+    return str(sample.meta.get("box_format", "med-grit"))
+
+
+def _grid_boxes(text: str, fmt: str) -> list[tuple[int, int, int, int]]:
+    return parse_minigpt(text) if fmt == "minigpt" else parse_med_grit(text)
+
+
+def text_boxes(text: str, fmt: str, width: int, height: int) -> list[list[float]]:
+    """Pixel boxes written in `text`; boxes off the grid or with swapped corners are ignored."""
+    grid = MINIGPT_GRID if fmt == "minigpt" else MED_GRIT_GRID
+    out = []
+    for g in _grid_boxes(text, fmt):
+        if max(g) <= grid and g[0] <= g[2] and g[1] <= g[3]:
+            out.append(list(grid_to_box(g, width, height, grid)))
+    return out
+
+
+def _modality(sample: Sample) -> str:
+    # VQA-RAD names no modality; its organ (head, chest, abd) is the grouping it offers
+    return sample.modality or str(sample.meta.get("image_organ") or "").strip().lower() or "unknown"
+
+
+def _image_path(sample: Sample, root: Path) -> str | None:
+    """The image file for the gallery, when PIL can open it (DICOM, NIfTI and frame selectors: none)."""
+    if "#" in sample.image or Path(sample.image).suffix.lower() not in _PIL_SUFFIXES:
+        return None
+    return str(Path(sample.image) if Path(sample.image).is_absolute() else root / sample.image)
+
+
+def _union(masks: Sequence[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
+    return np.logical_or.reduce(list(masks)) if masks else np.zeros(hw, dtype=bool)
+
+
+def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
+    """Ask the sample's first question and return its prediction record for `run_report`."""
+    loaded = load_sample(sample, root)
+    question, reference = sample.conversations[0].content, sample.conversations[1].content
+    n_regions = question.count(REGION_TOKEN)
+    answer = model.generate(loaded.image, question, regions=loaded.regions[:n_regions],
+                            region_arrays=loaded.region_masks[:n_regions])
+    task = exchange_task(sample)
+    hw = (int(loaded.image.shape[0]), int(loaded.image.shape[1]))
+    rec: dict[str, Any] = {
+        "id": sample.id, "task": task, "modality": _modality(sample),
+        "question": question.replace(IMAGE_TOKEN, "").strip(), "prediction": answer.text, "reference": reference,
+    }
+    if task == "grounding":
+        targets = [m for m in loaded.target_masks if m is not None][: reference.count(SEG_TOKEN)]
+        rec.update(gt_mask=_union(targets, hw), pred_mask=_union(answer.masks, hw), n_pred_masks=len(answer.masks),
+                   image=_image_path(sample, root))
+    elif task == "box_grounding":
+        fmt = _box_format(sample)
+        rec.update(gt_boxes=text_boxes(reference, fmt, hw[1], hw[0]), pred_boxes=text_boxes(answer.text, fmt, hw[1], hw[0]))
+    elif task in ("vqa", "region_vqa"):
+        rec["answer_type"] = sample.answer_type or "open"
+        if sample.meta.get("question_type"):
+            rec["question_type"] = str(sample.meta["question_type"])
+    return rec
+
+
+def _check_same_run(out: Path, run: dict[str, Any]) -> None:
+    """Resuming into a folder that holds another model's or benchmark's predictions would mix them."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    for key in _RUN_KEYS:
+        if key in old and old[key] != run[key]:
+            raise InputError(f"{out} holds results for {key} {old[key]!r}, not {run[key]!r}; choose another --out")
+
+
+def _add_run_info(out: Path, info: dict[str, Any], failures: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """Write the run's provenance and counts into metrics.json and report.md."""
+    path = out / "metrics.json"
+    metrics = {**json.loads(path.read_text(encoding="utf-8")), **info, "failures": list(failures)}
+    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    lines = ["## Run\n", f"- data: `{info['data']}` (split: {info['split']})",
+             f"- this run: {info['generated']} generated, {info['reused']} reused from predictions.jsonl, "
+             f"{info['failed']} failed"]
+    lines += [f"- failed `{f['id']}`: {f['error']}" for f in failures]
+    with (out / "report.md").open("a", encoding="utf-8") as fh:
+        fh.write("\n" + "\n".join(lines) + "\n")
+    return metrics
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def run_benchmark(
+    model_path: str | Path,
+    benchmark: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    limit: int | None = None,
+    split: str = "test",
+    modality: str | None = None,
+    image_dir: str | Path | None = None,
+    device: str = "auto",
+    meteor_backend: str = "coco",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Predict every chosen test sample not yet in OUT/predictions.jsonl, then score all stored
+    predictions. Returns the metrics.json content."""
+    from medplib.api import MedPLIB
+
+    out = Path(out)
+    chosen = select_samples(benchmark, data, split=split, limit=limit, modality=modality, image_dir=image_dir)
+    run = {"benchmark": benchmark, "model": str(Path(model_path).resolve()), "data": str(Path(data).resolve()),
+           "split": "file" if benchmark in _FILE_IS_SPLIT else split}
+    _check_same_run(out, run)
+    store = PredictionStore(out / "predictions.jsonl")
+    done = store.done_ids()
+    todo = [s for s in chosen.samples if s.id not in done]
+    failures: list[dict[str, str]] = []
+    if todo:
+        model = MedPLIB.from_pretrained(model_path, device=_device(device))
+        for sample in tqdm(todo, desc=benchmark, unit="sample", file=sys.stderr, dynamic_ncols=True):
+            start = time.perf_counter()
+            try:
+                rec = predict(model, sample, chosen.root)
+            except MedplibError as exc:
+                failures.append({"id": sample.id, "error": str(exc)})
+                tqdm.write(f"failed {sample.id}: {exc}", file=sys.stderr)
+                continue
+            rec["seconds"] = time.perf_counter() - start  # reading + answering this sample
+            store.append(rec)
+    stored = list(store.read())
+    seconds = sum(float(r.get("seconds") or 0.0) for r in stored)
+    # throughput over the samples that were generated (in this run or an earlier one), not reused ones
+    sps = len(stored) / seconds if seconds > 0 else None
+    run_report([], out, benchmark, run["model"], samples_per_s=sps, meteor_backend=meteor_backend)  # type: ignore[arg-type]
+    info = {**run, "selected": len(chosen.samples), "generated": len(todo) - len(failures),
+            "reused": len(chosen.samples) - len(todo), "failed": len(failures)}
+    metrics = _add_run_info(out, info, failures)
+    log(f"{benchmark}: {metrics['n']} predictions scored ({info['generated']} generated, {info['reused']} reused, "
+        f"{info['failed']} failed); wrote metrics.json, predictions.jsonl and report.md to {out}")
+    return metrics
