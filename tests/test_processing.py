@@ -99,3 +99,15 @@ def test_bad_inputs_are_clear_errors(proc: Processor) -> None:
         proc.prepare_image(np.zeros((20, 20, 3), np.float32))
     with pytest.raises(InputError, match="expected an image"):
         proc.prepare_image(b"\x89PNG corrupt")
+
+
+def test_image_files_are_read_and_corrupt_files_are_clear_errors(proc: Processor, tmp_path, shared_data) -> None:
+    kvasir = sorted((shared_data / "kvasir_seg" / "images").glob("*.jpg"))[0]
+    img = proc.prepare_image(kvasir)
+    assert img.original_hw == (256, 256)
+    bad = tmp_path / "scan.png"
+    bad.write_bytes(kvasir.read_bytes()[:300])  # a truncated download
+    with pytest.raises(InputError, match="scan.png"):
+        proc.prepare_image(bad)
+    with pytest.raises(InputError, match="not found"):
+        proc.prepare_image(tmp_path / "missing.png")

@@ -12,6 +12,7 @@ right, so pixel (x, y) of the original maps to (x * s, y * s) with s = S / max(H
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -51,7 +52,12 @@ class Encoded:
 
 
 def _as_rgb_array(image: Any) -> np.ndarray:
-    """Accept a PIL image or an (H, W) / (H, W, 3|4) uint8 array; return (H, W, 3) uint8."""
+    """Accept a file path (PNG/JPG/TIFF/DICOM/NIfTI, via medplib.data.images), a PIL image or an
+    (H, W) / (H, W, 3|4) uint8 array; return (H, W, 3) uint8."""
+    if isinstance(image, (str, Path)):
+        from medplib.data.images import read_image
+
+        return read_image(image).rgb
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if not isinstance(image, np.ndarray):
