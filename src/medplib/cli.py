@@ -11,6 +11,7 @@ import typer
 
 from medplib.errors import MedplibError
 from medplib.evaluation.commands import eval_command
+from medplib.training.commands import pipeline_command, train_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pixel-level biomedical multimodal LLMs.")
 
@@ -54,6 +55,8 @@ def demo(
 
 
 app.command("eval")(eval_command)
+app.command("train")(train_command)
+app.command("pipeline")(pipeline_command)
 
 
 def _register_optional() -> None:

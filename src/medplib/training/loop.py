@@ -1,0 +1,228 @@
+"""The training recipe runner: one stage from a `Recipe`, on accelerate, top to bottom.
+
+The same code runs on the CPU, one GPU, several processes with DDP (`torchrun` or `accelerate
+launch`), and DeepSpeed ZeRO-2 from the accelerate config files in `recipes/accelerate/`:
+
+    medplib train --recipe recipes/stage2_vl_expert.yaml train.steps=200
+    accelerate launch --config_file recipes/accelerate/cpu_ddp2.yaml -m medplib.cli train --recipe ...
+
+A run folder holds `recipe.yaml` (the resolved recipe), `metrics.jsonl` (one line per optimizer
+step), `tb/` (TensorBoard), `checkpoints/step_*` and, at the end, `model/` (LoRA merged into the
+base weights), which `MedPLIB.from_pretrained` and the next stage load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from medplib.model.moe import moe_layers
+from medplib.training.build import build_model
+from medplib.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medplib.training.data import GROUP_NAMES, EncodeCollate, StreamSampler, build_dataset, token_groups
+from medplib.training.fit import warmup_linear
+from medplib.training.recipe import Recipe, RecipeError
+from medplib.training.trainable import merge_lora
+
+PARTS = ("loss", "ce", "bce", "dice", "focal", "iou", "aux")
+MODEL_DIR = "model"
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = dict(batch)
+    for key in ("input_ids", "labels", "attention_mask", "vision_pixels", "pixel_values"):
+        out[key] = batch[key].to(device)
+    out["region_masks"] = [[m.to(device) for m in ms] for ms in batch["region_masks"]]
+    out["target_masks"] = [[m.to(device) for m in ms] for ms in batch["target_masks"]]
+    return out
+
+
+def _routing_shares(layers: list[Any], reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, list[float]]:
+    """Share of router selections per expert, per token group, over all MoE layers since the last call."""
+    n_groups, n_exp = len(GROUP_NAMES), layers[0].num_experts
+    counts = torch.zeros(n_groups, n_exp, dtype=torch.float64)
+    for layer in layers:
+        c = layer.group_counts.to("cpu", torch.float64)
+        counts[: c.shape[0]] += c
+        layer.reset_stats()
+    counts = reduce(counts)
+    shares = {}
+    for g, name in enumerate(GROUP_NAMES):
+        total = float(counts[g].sum())
+        if total > 0:
+            shares[name] = [round(float(v) / total, 4) for v in counts[g]]
+    return shares
+
+
+def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> Path:
+    """Run one stage; returns the model folder `<output_dir>/model`."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    t, ck = recipe.train, recipe.checkpoint
+    run = Path(recipe.output_dir)
+
+    # 1. Processes, precision, accumulation: the global batch is fixed, accumulation fills it.
+    world = PartialState().num_processes
+    if t.global_batch % (t.micro_batch * world):
+        raise RecipeError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
+                          f"({t.micro_batch}) x processes ({world})")
+    accum = t.global_batch // (t.micro_batch * world)
+    try:
+        # find_unused_parameters: a batch without [SEG] leaves the mask decoder out of the graph.
+        accelerator = Accelerator(mixed_precision="no" if t.mixed_precision == "fp32" else t.mixed_precision, gradient_accumulation_steps=accum,
+                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    except ValueError as exc:  # e.g. fp16 without a GPU
+        raise RecipeError(f"train.mixed_precision={t.mixed_precision}: {exc}") from None
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if sharded and ck.every:
+        raise RecipeError("periodic checkpoints with exact resume are implemented for CPU, one device and DDP; "
+                          "under DeepSpeed or FSDP set checkpoint.every=0 (the final model is still written)")
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    barrier = accelerator.wait_for_everyone
+
+    # 2. Model: preset or earlier stage, upcycling, LoRA, trainable groups, loss weights.
+    m = build_model(recipe)
+    if t.gradient_checkpointing:
+        m.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_train = sum(p.numel() for p in m.model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in m.model.parameters())
+
+    # 3. Data: a fixed stream of samples; each process reads its share of every global batch.
+    dataset = build_dataset(recipe.data, t.seed)
+    steps = t.steps or max(1, math.ceil(t.epochs * len(dataset) / t.global_batch))  # type: ignore[arg-type]
+
+    # 4. Optimizer and schedule: AdamW, linear warmup then linear decay to 0 (published).
+    params = [p for p in m.model.parameters() if p.requires_grad]
+    o = recipe.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay)
+    warm = math.ceil(o.warmup_ratio * steps) if o.warmup_ratio > 0 else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_linear(s, steps, warm))
+    model, opt = accelerator.prepare(m.model, opt)  # the scheduler is stepped by hand, once per optimizer step
+
+    # 5. Resume from the newest complete checkpoint: weights, optimizer, schedule, RNG, data position.
+    start = 0
+    found = latest_checkpoint(run) if ck.resume else None
+    if found is not None:
+        start = load_checkpoint(found, accelerator.unwrap_model(model), opt, sched, rank=rank, world=world)
+    metrics_path = run / "metrics.jsonl"
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+        # Keep the history up to the checkpoint: steps logged after it are redone.
+        old = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.is_file() and start else []
+        keep = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= start]
+        metrics_path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        log(f"[{recipe.name}] {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters train; {len(dataset)} samples; "  # type: ignore[arg-type]
+            f"{steps} steps of {t.global_batch} ({world} process(es) x {t.micro_batch} x {accum} accumulation)"
+            + (f"; resuming at step {start} from {found}" if found is not None else ""))
+    sampler = StreamSampler(len(dataset), global_batch=t.global_batch, micro_batch=t.micro_batch, rank=rank,  # type: ignore[arg-type]
+                            world=world, start_step=start, total_steps=steps, seed=t.seed)
+    loader = DataLoader(dataset, batch_size=t.micro_batch, sampler=sampler, num_workers=recipe.data.num_workers,
+                        collate_fn=EncodeCollate(m.processor),
+                        generator=torch.Generator().manual_seed(t.seed))  # own RNG: iter() must not draw from the restored one
+
+    # 6. The loop.
+    writer = None
+    if main and recipe.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run / "tb"))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, disable=not (main and recipe.log.progress), desc=recipe.name, unit="step")
+    moe = moe_layers(m.model.llm)
+    batches = iter(loader)
+    model.train()
+    for step in range(start, steps):
+        began = time.perf_counter()
+        sums = torch.zeros(len(PARTS))
+        n_samples = 0
+        for _ in range(accum):
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                if batch is None:  # every sample of this micro-batch was bad: a zero loss keeps DDP in step
+                    loss = sum((p * 0).sum() for p in params)
+                    accelerator.backward(loss)
+                else:
+                    batch = _to_device(batch, accelerator.device)
+                    for layer in moe:
+                        layer.set_token_groups(token_groups(batch).to(accelerator.device))
+                    out = model(**batch)
+                    accelerator.backward(out.loss)
+                    sums += torch.tensor([float(out.loss.detach())] + [float(out.parts[k].detach()) for k in PARTS[1:]])
+                    n_samples += batch["input_ids"].shape[0]
+                if accelerator.sync_gradients and o.grad_clip > 0:
+                    accelerator.clip_grad_norm_(params, o.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        sched.step()
+        # Mean over micro-batches and processes: equals a one-process run with the same global batch.
+        parts = accelerator.reduce(sums.to(accelerator.device) / accum, reduction="mean").cpu()
+        seen = int(accelerator.reduce(torch.tensor(n_samples, device=accelerator.device), reduction="sum"))
+        row: dict[str, Any] = {"step": step + 1, **{k: float(v) for k, v in zip(PARTS, parts)},
+                               "lr": sched.get_last_lr()[0], "samples_per_s": seen / (time.perf_counter() - began)}
+        if moe and (step + 1) % recipe.log.every == 0:
+            row["routing"] = _routing_shares(moe, lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu())
+        if main:
+            with metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if writer is not None:
+                for k in (*PARTS, "lr", "samples_per_s"):
+                    writer.add_scalar(f"train/{k}", row[k], step + 1)
+                for g, shares in row.get("routing", {}).items():
+                    for e, share in enumerate(shares):
+                        writer.add_scalar(f"routing/{g}/expert{e}", share, step + 1)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ce", "dice", "bce")}, refresh=False)
+            bar.update(1)
+        if ck.every and (step + 1) % ck.every == 0 and step + 1 < steps:
+            save_checkpoint(run, step + 1, accelerator.unwrap_model(model), opt, sched, rank=rank, world=world,
+                            barrier=barrier, keep_last=ck.keep_last)
+    bar.close()
+    for layer in moe:
+        layer.set_token_groups(None)
+        layer.reset_stats()
+
+    # 7. The stage's model: LoRA merged into the base weights, a folder that inference loads.
+    barrier()
+    folder = run / MODEL_DIR
+    if main:
+        if writer is not None:
+            writer.close()
+        merge_lora(m.model)
+        m.model.eval()
+        tmp = run / (MODEL_DIR + ".tmp")  # complete or absent: the pipeline skips stages whose folder exists
+        shutil.rmtree(tmp, ignore_errors=True)
+        m.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        log(f"[{recipe.name}] saved the model to {folder}")
+    barrier()
+    return folder
+
+
+def end_processes() -> None:
+    """Call once when a command is done with training. gloo can abort at exit unless every process
+    passes a barrier before the process group is destroyed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def run_recipe(path: str | os.PathLike[str], overrides: list[str], log: Callable[[str], None] = print) -> Path:
+    """`medplib train`: load a recipe, apply overrides, train one stage."""
+    from medplib.training.recipe import load_recipe
+
+    try:
+        return train(load_recipe(path, overrides), log=log)
+    finally:
+        end_processes()

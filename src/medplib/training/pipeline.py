@@ -1,0 +1,101 @@
+"""`medplib pipeline`: stages I to IV from the stage recipes, chained through their model folders.
+
+    RUN/stage1/model -> RUN/stage2/model -> RUN/stage3/model -> RUN/stage4/model -> RUN/model
+
+Each stage is the unchanged recipe file plus overrides: data folder, run folders, and for a preset
+without pretrained weights (tiny, small) the CPU settings below. The published trainable sets
+assume pretrained CLIP / LLaVA / SAM-Med2D parts; a randomly initialised tower trained through a
+projector alone learns nothing, so such presets also train in full (`unfreeze`) the parts a stage
+exercises that would otherwise stay random. Stage III never unfreezes the LLM: its attention,
+embeddings and lm_head must stay those of stage II, so that stage IV can put stage III's MLPs beside
+stage II's as experts of one model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import medplib
+from medplib.training.loop import MODEL_DIR, train
+from medplib.training.recipe import RecipeError, load_recipe
+
+STAGES = ("stage1_alignment", "stage2_vl_expert", "stage3_pg_expert", "stage4_moe")
+
+# Parts trained in full per stage when the preset has no pretrained weights.
+SCRATCH_UNFREEZE = {
+    "stage1_alignment": "[vision,llm]",
+    "stage2_vl_expert": "[vision,llm,region_encoder]",
+    "stage3_pg_expert": "[pixel_encoder]",
+    "stage4_moe": "[vision,pixel_encoder]",
+}
+
+
+def default_recipes_dir() -> Path:
+    """`recipes/` of the source tree this package runs from."""
+    return Path(medplib.__file__).resolve().parents[2] / "recipes"
+
+
+def stage_overrides(stage: str, preset: str, data: Path, run: Path, scratch: bool) -> list[str]:
+    """The overrides that place one stage of a pipeline run."""
+    d = lambda i: str(run / f"stage{i}" / MODEL_DIR)  # noqa: E731
+    out = [f"data.dir={data}", f"output_dir={run / stage.split('_')[0]}"]
+    if stage == "stage1_alignment":
+        out += [f"model.preset={preset}"]
+    elif stage in ("stage2_vl_expert",):
+        out += [f"model.path={d(1)}"]
+    elif stage == "stage3_pg_expert":
+        out += [f"model.path={d(2)}"]
+    else:
+        out += [f"model.path={d(2)}", f"upcycle.experts=[{d(3)},{d(2)}]"]
+    if scratch:
+        out += [f"unfreeze={SCRATCH_UNFREEZE[stage]}", "train.mixed_precision=fp32"]
+    return out
+
+
+def run_pipeline(
+    preset: str, data: Path, run: Path, *, steps: Sequence[int] | None = None, overrides: Sequence[str] = (),
+    stage_extra: dict[str, Sequence[str]] | None = None, recipes: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train stages I-IV; returns RUN/model (a copy of stage IV's model folder). A stage whose model
+    folder exists is skipped; an interrupted stage resumes from its newest checkpoint.
+
+    steps: optimizer steps per stage (4 values), else each recipe's epochs. overrides: applied to
+    every stage (after the placement overrides). stage_extra: more overrides for one stage."""
+    from accelerate import PartialState
+
+    from medplib.config import preset as get_preset
+
+    recipes = recipes or default_recipes_dir()
+    if steps is not None and len(steps) != len(STAGES):
+        raise RecipeError(f"give {len(STAGES)} step counts (one per stage), got {len(steps)}")
+    cfg = get_preset(preset)
+    scratch = not (cfg.llm.pretrained or cfg.vision.pretrained or cfg.pixel.checkpoint)
+    run = Path(run)
+    for k, stage in enumerate(STAGES):
+        path = recipes / f"{stage}.yaml"
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} not found (pass the recipes folder)")
+        extra = [*stage_overrides(stage, preset, Path(data), run, scratch), *overrides,
+                 *(stage_extra or {}).get(stage, ())]
+        if steps is not None:
+            extra.append(f"train.steps={steps[k]}")
+        recipe = load_recipe(path, extra)
+        done = Path(recipe.output_dir) / MODEL_DIR
+        if (done / "model.safetensors").is_file():
+            log(f"[{stage}] already trained: {done}")
+            continue
+        train(recipe, log=log)
+    final = run / MODEL_DIR
+    state = PartialState()
+    if state.is_main_process:
+        tmp = run / (MODEL_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run / "stage4" / MODEL_DIR, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        log(f"pipeline done: {final}")
+    state.wait_for_everyone()
+    return final

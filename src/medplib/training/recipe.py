@@ -1,0 +1,264 @@
+"""Training recipes: one YAML file per stage, plus `key=value` overrides on the command line.
+
+A recipe is plain data (the dataclasses below); `medplib.training.loop.train` reads it from top to
+bottom. Unknown keys and values of the wrong type are errors that name the key, so a typo can never
+silently fall back to a default.
+
+    recipe = load_recipe("recipes/stage2_vl_expert.yaml", ["train.steps=20", "lora.r=8"])
+
+Override values are parsed as YAML (`train.steps=20` is an int, `lora.targets=[q_proj,v_proj]` a
+list, `model.path=null` None). Keys under `model.overrides.` are model-config keys (dotted, as in
+`medplib.config.apply_override`) and are kept whole: `model.overrides.loss.dice=0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from medplib.config import LossConfig
+from medplib.errors import ConfigError
+
+
+class RecipeError(ConfigError):
+    """A recipe file or override that is unknown, malformed or inconsistent."""
+
+
+@dataclass
+class ModelSection:
+    """Where the model comes from: a preset (random init, or the local pretrained parts its config
+    names) or a trained model folder (an earlier stage). Exactly one of the two."""
+
+    preset: str | None = None
+    path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted model-config keys, preset only
+
+
+@dataclass
+class SourceSection:
+    file: str = "*.jsonl"  # glob inside data.dir
+    tasks: list[str] = field(default_factory=list)  # keep these tasks only; empty = all
+    ratio: float = 1.0  # share of the mix (split over the files the glob matches, by size)
+
+
+@dataclass
+class DataSection:
+    dir: str = "data"
+    sources: list[SourceSection] = field(default_factory=lambda: [SourceSection()])
+    split: Literal["train", "val", "test"] = "train"
+    num_workers: int = 0
+
+
+@dataclass
+class LoraSection:
+    r: int = 0  # 0 = no LoRA
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=list)  # module names, e.g. q_proj, gate_proj
+
+
+@dataclass
+class UpcycleSection:
+    """Stage IV: every LLM MLP becomes an MoE whose expert e copies that MLP of `experts[e]` (model
+    folders). The pixel parts (pixel encoder, mask decoder, [SEG] projection) come from expert 0's
+    model, the pixel-grounding expert; everything else from `model.path`. Empty = dense model."""
+
+    experts: list[str] = field(default_factory=list)
+    top_k: int = 1
+    capacity_factor_train: float = 1.5
+    capacity_factor_eval: float = 2.0
+    aux_loss_coef: float = 0.0
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.01  # linear warmup over this share of the steps, then linear decay to 0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0
+    global_batch: int = 128  # samples per optimizer step over all processes
+    micro_batch: int = 4  # samples per forward on one process; accumulation fills the rest
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500  # optimizer steps between checkpoints; 0 = none (the final model is always written)
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
+
+
+@dataclass
+class LogSection:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    output_dir: str = "runs/custom"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    trainable: list[str] = field(default_factory=list)  # parameter groups, see training/trainable.py
+    unfreeze: list[str] = field(default_factory=list)  # more groups, for parts without pretrained weights
+    lora: LoraSection = field(default_factory=LoraSection)
+    upcycle: UpcycleSection = field(default_factory=UpcycleSection)
+    loss: dict[str, float] = field(default_factory=dict)  # LossConfig weights set for this stage
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def __post_init__(self) -> None:
+        if (self.model.preset is None) == (self.model.path is None):
+            raise RecipeError("model: give exactly one of model.preset and model.path")
+        if self.model.overrides and self.model.preset is None:
+            raise RecipeError("model.overrides apply to a preset; a model folder keeps its own config")
+        bad = set(self.loss) - {f.name for f in dataclasses.fields(LossConfig)}
+        if bad:
+            raise RecipeError(f"loss: unknown weights {sorted(bad)} (known: ce, bce, dice, focal, iou)")
+        t = self.train
+        if t.global_batch < 1 or t.micro_batch < 1:
+            raise RecipeError("train.global_batch and train.micro_batch must be >= 1")
+        if t.steps < 0 or t.epochs <= 0 and t.steps == 0:
+            raise RecipeError("give train.steps > 0 or train.epochs > 0")
+        if self.lora.r < 0:
+            raise RecipeError("lora.r must be >= 0")
+        if self.lora.r and not self.lora.targets:
+            raise RecipeError("lora.r > 0 needs lora.targets")
+        if self.checkpoint.keep_last < 1:
+            raise RecipeError("checkpoint.keep_last must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"a.b=value"` -> ("a.b", YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise RecipeError(f"bad override '{text}': expected key=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"bad override '{text}': the value is not valid YAML ({exc.__class__.__name__})") from None
+    return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each dotted key in the nested dict `raw` (in place; returns it). Unknown sections fail
+    later, in `recipe_from_dict`, with the full key."""
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith("model.overrides."):
+            raw.setdefault("model", {}).setdefault("overrides", {})[key[len("model.overrides."):]] = value
+            continue
+        if key.startswith("loss."):
+            raw.setdefault("loss", {})[key[len("loss."):]] = value
+            continue
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise RecipeError(f"bad override '{text}': '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    return _build(Recipe, raw, "recipe")
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe and apply `key=value` overrides."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections")
+    return recipe_from_dict(apply_overrides(raw, overrides))
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a section (mapping), got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise RecipeError(f"unknown recipe key '{where.removeprefix('recipe.') + '.' if where != 'recipe' else ''}{unknown[0]}'"
+                          f" (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    key = where.removeprefix("recipe.")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"bad value for '{key}': {value!r} (choose from {', '.join(map(str, args))})")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"bad value for '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"bad value for '{key}': expected a mapping, got {value!r}")
+        return {str(k): (_coerce(v, args[1], f"{where}.{k}") if args[1] is not Any else v) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"bad value for '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"bad value for '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"bad value for '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise RecipeError(f"bad value for '{key}': expected a string, got {value!r}")
+        return str(value)
+    raise RecipeError(f"'{key}': unsupported type {tp}")

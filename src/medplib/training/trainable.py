@@ -1,0 +1,89 @@
+"""Which parameters train in a stage (named groups), and LoRA on the LLM: inject, then merge.
+
+Groups, as the published stage table names them:
+    projector, vision, pixel_encoder, mask_decoder, seg_proj, region_encoder: those modules
+    lora: the LoRA A/B matrices injected by `add_lora`
+    lm_head, embed_tokens: the LLM's output / input embeddings
+    norms: the LLM's RMSNorm / LayerNorm weights
+    router: the MoE routers
+    llm: every LLM parameter (full fine-tuning)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from medplib.model.medplib import MedPLIBModel
+from medplib.training.recipe import RecipeError
+
+
+def _prefix(name: str) -> Callable[[MedPLIBModel, str], bool]:
+    return lambda model, p: p.startswith(name + ".")
+
+
+def _same_tensor(get: Callable[[MedPLIBModel], nn.Module]) -> Callable[[MedPLIBModel, str], bool]:
+    def match(model: MedPLIBModel, p: str) -> bool:
+        ids = {id(t) for t in get(model).parameters()}
+        return id(model.get_parameter(p)) in ids
+    return match
+
+
+GROUPS: dict[str, Callable[[MedPLIBModel, str], bool]] = {
+    "projector": _prefix("projector"),
+    "vision": _prefix("vision"),
+    "pixel_encoder": _prefix("pixel_encoder"),
+    "mask_decoder": _prefix("mask_decoder"),
+    "seg_proj": _prefix("seg_proj"),
+    "region_encoder": _prefix("region_encoder"),
+    "lora": lambda model, p: ".lora_" in p,
+    "lm_head": _same_tensor(lambda m: m.llm.get_output_embeddings()),
+    "embed_tokens": _same_tensor(lambda m: m.llm.get_input_embeddings()),
+    "norms": lambda model, p: p.startswith("llm.") and "norm" in p.rsplit(".", 2)[-2],
+    "router": lambda model, p: ".router." in p,
+    "llm": _prefix("llm"),
+}
+
+
+def set_trainable(model: MedPLIBModel, groups: Sequence[str]) -> int:
+    """Freeze everything, then unfreeze the named groups; returns the number of trainable values."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise RecipeError(f"unknown trainable group {unknown[0]!r} (known: {', '.join(GROUPS)})")
+    model.requires_grad_(False)
+    n = 0
+    for name, p in model.named_parameters():
+        if any(GROUPS[g](model, name) for g in groups):
+            p.requires_grad_(True)
+            n += p.numel()
+    if n == 0:
+        raise RecipeError(f"the trainable groups {list(groups)} select no parameter of this model")
+    return n
+
+
+def add_lora(model: MedPLIBModel, r: int, alpha: int, dropout: float, targets: Sequence[str]) -> None:
+    """Inject LoRA adapters into the LLM's `targets` modules, in place (names stay the same plus
+    `.base_layer` / `.lora_A` / `.lora_B`). B starts at zero, so the model's outputs do not change."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.llm.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise RecipeError(f"lora.targets {missing} name no module of the LLM")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    inject_adapter_in_model(cfg, model.llm)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base weight and put the plain base layer back (between
+    stages, as published). Returns the number of merged layers."""
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+            merged += 1
+    return merged
