@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from medplib.api import MedPLIB
 from medplib.model.moe import moe_layers
 from medplib.training.build import build_model
 from medplib.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -63,8 +65,15 @@ def _routing_shares(layers: list[Any], reduce: Callable[[torch.Tensor], torch.Te
     return shares
 
 
-def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> Path:
-    """Run one stage; returns the model folder `<output_dir>/model`."""
+@dataclass
+class TrainResult:
+    folder: Path  # <output_dir>/model
+    model: MedPLIB  # the trained model, LoRA merged (on every process)
+    history: list[dict[str, Any]]  # this run's metrics rows (steps after a resume point only)
+
+
+def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
+    """Run one stage."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
@@ -72,14 +81,16 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> Path:
     run = Path(recipe.output_dir)
 
     # 1. Processes, precision, accumulation: the global batch is fixed, accumulation fills it.
-    world = PartialState().num_processes
+    # Without a GPU, torchrun's environment means gloo DDP on the CPU (accelerate needs cpu=True for it).
+    cpu = not torch.cuda.is_available()
+    world = PartialState(cpu=cpu).num_processes
     if t.global_batch % (t.micro_batch * world):
         raise RecipeError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
                           f"({t.micro_batch}) x processes ({world})")
     accum = t.global_batch // (t.micro_batch * world)
     try:
         # find_unused_parameters: a batch without [SEG] leaves the mask decoder out of the graph.
-        accelerator = Accelerator(mixed_precision="no" if t.mixed_precision == "fp32" else t.mixed_precision, gradient_accumulation_steps=accum,
+        accelerator = Accelerator(cpu=cpu, mixed_precision="no" if t.mixed_precision == "fp32" else t.mixed_precision, gradient_accumulation_steps=accum,
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     except ValueError as exc:  # e.g. fp16 without a GPU
         raise RecipeError(f"train.mixed_precision={t.mixed_precision}: {exc}") from None
@@ -142,6 +153,7 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> Path:
     bar = tqdm(total=steps, initial=start, disable=not (main and recipe.log.progress), desc=recipe.name, unit="step")
     moe = moe_layers(m.model.llm)
     batches = iter(loader)
+    history: list[dict[str, Any]] = []
     model.train()
     for step in range(start, steps):
         began = time.perf_counter()
@@ -173,6 +185,7 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> Path:
                                "lr": sched.get_last_lr()[0], "samples_per_s": seen / (time.perf_counter() - began)}
         if moe and (step + 1) % recipe.log.every == 0:
             row["routing"] = _routing_shares(moe, lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu())
+        history.append(row)
         if main:
             with metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -195,11 +208,11 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> Path:
     # 7. The stage's model: LoRA merged into the base weights, a folder that inference loads.
     barrier()
     folder = run / MODEL_DIR
+    merge_lora(m.model)
+    m.model.eval()
     if main:
         if writer is not None:
             writer.close()
-        merge_lora(m.model)
-        m.model.eval()
         tmp = run / (MODEL_DIR + ".tmp")  # complete or absent: the pipeline skips stages whose folder exists
         shutil.rmtree(tmp, ignore_errors=True)
         m.save_pretrained(tmp)
@@ -207,7 +220,7 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> Path:
         tmp.rename(folder)
         log(f"[{recipe.name}] saved the model to {folder}")
     barrier()
-    return folder
+    return TrainResult(folder, m, history)
 
 
 def end_processes() -> None:
@@ -218,7 +231,7 @@ def end_processes() -> None:
         torch.distributed.destroy_process_group()
 
 
-def run_recipe(path: str | os.PathLike[str], overrides: list[str], log: Callable[[str], None] = print) -> Path:
+def run_recipe(path: str | os.PathLike[str], overrides: list[str], log: Callable[[str], None] = print) -> TrainResult:
     """`medplib train`: load a recipe, apply overrides, train one stage."""
     from medplib.training.recipe import load_recipe
 
