@@ -64,6 +64,10 @@ def _register_optional() -> None:
     from medplib.data.commands import data_app
 
     app.add_typer(data_app, name="data", help="Build, validate, inspect and export instruction data.")
+    from medplib.serving.commands import ask, serve
+
+    app.command()(ask)
+    app.command()(serve)
 
 
 def main() -> None:
