@@ -1,0 +1,88 @@
+"""Stages I-IV on the tiny preset through `run_pipeline`, and stage IV upcycling at the MedPLIB
+level: with the router forced to expert e, the upcycled model reproduces dense model e exactly
+(expert 0 = stage III, the pixel-grounding expert; expert 1 = stage II)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medplib.api import MedPLIB
+from medplib.data.loading import load_sample
+from medplib.data.phantoms import write_phantom_dataset
+from medplib.data.schema import read_jsonl
+from medplib.model.moe import force_expert, moe_layers
+from medplib.training.build import build_model
+from medplib.training.pipeline import default_recipes_dir, run_pipeline
+from medplib.training.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    jsonl = write_phantom_dataset(root / "data", 8, seed=0, size=64)
+    common = ["train.global_batch=2", "train.micro_batch=2", "log.progress=false", "log.every=1",
+              "log.tensorboard=false", "checkpoint.every=0"]
+    run_pipeline("tiny", jsonl.parent, root / "run", steps=[2, 2, 2, 2], overrides=common, log=lambda s: None)
+    return jsonl, root / "run"
+
+
+def _batch(m: MedPLIB, jsonl: Path, task: str) -> dict:
+    s = next(s for s in read_jsonl(jsonl) if s.task == task)
+    return m.collate([m.processor.encode_loaded(load_sample(s, jsonl.parent))])
+
+
+def test_pipeline_leaves_an_moe_model_that_inference_loads(pipeline_run: tuple[Path, Path]) -> None:
+    jsonl, run = pipeline_run
+    m = MedPLIB.from_pretrained(run / "model")
+    assert m.config.moe.num_experts == 2 and m.config.moe.top_k == 1
+    assert len(moe_layers(m.model.llm)) == m.model.llm.config.num_hidden_layers
+    image = np.asarray(load_sample(next(read_jsonl(jsonl)), jsonl.parent).image)
+    cached = m.generate(image, "What modality is this?", max_new_tokens=6)
+    uncached = m.generate(image, "What modality is this?", max_new_tokens=6, use_cache=False)
+    assert cached.token_ids == uncached.token_ids
+    rows = [json.loads(ln) for ln in (run / "stage4" / "metrics.jsonl").read_text().splitlines()]
+    routing = [r["routing"] for r in rows if "routing" in r]
+    assert routing, "stage IV logs routing statistics"
+    for shares in routing[-1].values():
+        assert len(shares) == 2 and sum(shares) == pytest.approx(1.0, abs=1e-3)
+    for stage in ("stage1", "stage2", "stage3"):
+        assert MedPLIB.from_pretrained(run / stage / "model").config.moe.num_experts == 0
+
+
+def test_stage3_changes_only_mlps_and_pixel_parts(pipeline_run: tuple[Path, Path]) -> None:
+    _, run = pipeline_run
+    s2 = MedPLIB.from_pretrained(run / "stage2" / "model").model.state_dict()
+    s3 = MedPLIB.from_pretrained(run / "stage3" / "model").model.state_dict()
+    changed = {k.split(".")[0] if not k.startswith("llm.") else ("llm.mlp" if ".mlp." in k else "llm.other")
+               for k in s2 if not torch.equal(s2[k], s3[k])}
+    assert changed == {"llm.mlp", "mask_decoder", "seg_proj", "pixel_encoder"}
+
+
+@pytest.mark.parametrize("expert,dense", [(0, "stage3"), (1, "stage2")])
+def test_upcycled_model_with_forced_expert_reproduces_the_dense_model(
+    pipeline_run: tuple[Path, Path], expert: int, dense: str
+) -> None:
+    jsonl, run = pipeline_run
+    recipe = load_recipe(default_recipes_dir() / "stage4_moe.yaml", [
+        f"model.path={run / 'stage2' / 'model'}",
+        f"upcycle.experts=[{run / 'stage3' / 'model'},{run / 'stage2' / 'model'}]"])
+    moe = build_model(recipe)  # the stage IV code path: upcycling, LoRA on experts and attention
+    assert moe.config.moe.num_experts == 2
+    moe.model.eval()
+    force_expert(moe.model.llm, expert)
+    ref = MedPLIB.from_pretrained(run / dense / "model")
+    with torch.no_grad():
+        for task in ("vqa", "region_vqa", "grounding"):
+            got, want = moe.model(**_batch(moe, jsonl, task)), ref.model(**_batch(ref, jsonl, task))
+            assert torch.equal(got.logits, want.logits), task
+            if task == "grounding" and expert == 0:  # the pixel parts come from the grounding expert
+                assert torch.equal(got.mask_logits[0][0], want.mask_logits[0][0])
+    force_expert(moe.model.llm, None)
+    with torch.no_grad():
+        routed = moe.model(**_batch(moe, jsonl, "vqa")).logits
+    assert not torch.equal(routed, want.logits)  # real routing mixes the experts
