@@ -1,0 +1,287 @@
+"""`Predictor`: the segment-anything predictor pattern for MedPLIB. An image's features are computed
+once (`set_image`) and reused by every question about it (`ask`), so a second question costs only
+the language model's decoding.
+
+    p = Predictor.from_pretrained("runs/demo/model")
+    p.set_image(rgb)                               # (H, W, 3) uint8, a PIL image, ImageData or a path
+    out = p.ask("Please segment the polyp.")
+    out.text, out.masks[0], out.boxes[0], out.timings
+    for piece in p.stream("What is shown?"): ...   # text deltas, then the Prediction
+
+Features are cached by image content (a hash of the pixels) in a small LRU bounded by entries and
+bytes, so a server that sees the same image again in a later request skips the vision towers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medplib.api import MedPLIB
+from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
+from medplib.data.images import ImageData, read_image
+from medplib.data.schema import REGION_TOKEN, Region, Turn
+from medplib.errors import InputError
+from medplib.model.medplib import ImageFeatures
+from medplib.processing import ImageInputs
+
+SEGMENT_TEMPLATE = "Please segment the {target}."  # the MeCoVQA-G / Kvasir grounding question
+
+
+@dataclass
+class Prediction:
+    """One answer. Masks are (H, W) bool at the original image size; boxes are pixel-edge
+    (x1, y1, x2, y2) in original pixels (`boxes[i]` belongs to `masks[i]`, None for an empty mask;
+    `text_boxes` are the `<box>` boxes written in the answer, scaled from the 0..1000 grid)."""
+
+    text: str
+    masks: list[np.ndarray] = field(default_factory=list)
+    boxes: list[Box | None] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    text_boxes: list[Box] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (end of answer) or "length" (hit max_new_tokens)
+    timings: dict[str, float] = field(default_factory=dict)  # image_s, generate_s, total_s, tokens_per_s
+
+
+@dataclass
+class Query:
+    """One question for `ask_many`: an image, the question and its regions."""
+
+    image: Any
+    question: str
+    regions: Sequence[Region] = ()
+    region_arrays: Sequence[np.ndarray | None] | None = None
+    history: Sequence[Turn] = ()
+
+
+@dataclass
+class _Entry:
+    image: ImageInputs
+    features: ImageFeatures
+    nbytes: int
+
+
+def with_placeholders(question: str, n_regions: int, history: Sequence[Turn] = ()) -> str:
+    """Append one `<region>` per region when the conversation names none, so a caller may pass
+    regions without writing placeholders; otherwise the text is left as written."""
+    written = question.count(REGION_TOKEN) + sum(t.content.count(REGION_TOKEN) for t in history if t.role == "user")
+    if n_regions and not written:
+        return question.rstrip() + " " + " ".join([REGION_TOKEN] * n_regions)
+    return question
+
+
+def as_rgb(image: Any) -> np.ndarray:
+    """An image as the model sees it: (H, W, 3) uint8 from an array, PIL image, ImageData or path."""
+    if isinstance(image, ImageData):
+        return image.rgb
+    if isinstance(image, (str, Path)):
+        return read_image(image).rgb
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise InputError(f"image must be (H, W, 3) uint8; got {image.dtype} {tuple(image.shape)}")
+        return np.ascontiguousarray(image[:, :, :3])
+    raise InputError(f"expected an image array, PIL image, ImageData or path; got {type(image).__name__}")
+
+
+def _nbytes(img: ImageInputs, feats: ImageFeatures) -> int:
+    tensors = [img.vision_pixels, img.pixel_values, feats.vision] + ([feats.pixel] if feats.pixel is not None else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class TextStream:
+    """Incremental detokeniser: feed token ids, get the new text. A byte-level BPE piece can end
+    in the middle of a multi-byte character; that shows as U+FFFD, so it is held back until the
+    next token completes it."""
+
+    def __init__(self, decode: Callable[[list[int]], str], skip: Sequence[int] = ()):
+        self._decode, self._skip = decode, set(skip)
+        self._ids: list[int] = []
+        self._sent = 0
+
+    def push(self, token_id: int) -> str:
+        if token_id in self._skip:
+            return ""
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self._sent = text[self._sent:], len(text)
+        return delta
+
+
+class Predictor:
+    """Answers questions about one image at a time, reusing its features (thread-safe: one
+    question runs at a time)."""
+
+    def __init__(self, model: MedPLIB, *, cache_entries: int = 16, cache_bytes: int = 256 << 20):
+        self.model = model
+        self.cache_entries, self.cache_bytes = cache_entries, cache_bytes
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._key: str | None = None
+        self._image_s = 0.0  # what set_image spent, reported by the next question
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        **kwargs: Any) -> "Predictor":
+        return cls(MedPLIB.from_pretrained(folder, device=device, dtype=dtype), **kwargs)
+
+    # ------------------------------------------------------------------ image
+    @property
+    def original_hw(self) -> tuple[int, int]:
+        """(H, W) of the current image."""
+        return self._current().image.original_hw
+
+    def _current(self) -> _Entry:
+        if self._key is None or self._key not in self._cache:
+            raise InputError("no image is set: call set_image() first")
+        return self._cache[self._key]
+
+    def set_image(self, image: Any) -> float:
+        """Make `image` current, computing its vision and pixel features unless they are cached.
+        Returns the seconds spent computing (0.0 on a cache hit)."""
+        rgb = as_rgb(image)
+        key = hashlib.blake2b(rgb.tobytes(), digest_size=16, person=str(rgb.shape).encode()[:16]).hexdigest()
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                self._key, self._image_s = key, 0.0
+                return 0.0
+            t0 = time.perf_counter()
+            img, feats = self.model.image_features(rgb)
+            with torch.no_grad():
+                # Computed now rather than at the first [SEG], so every question after this one is cheap.
+                feats.pixel = self.model.model.encode_pixels(img.pixel_values[None].to(self.model.device))
+            self._cache[key] = _Entry(img, feats, _nbytes(img, feats))
+            self._key, self._image_s = key, time.perf_counter() - t0
+            self._evict()
+            return self._image_s
+
+    def _evict(self) -> None:
+        # Least recently used first; the current image always stays.
+        while len(self._cache) > 1 and (len(self._cache) > self.cache_entries
+                                        or sum(e.nbytes for e in self._cache.values()) > self.cache_bytes):
+            self._cache.popitem(last=False)
+
+    def region_masks(self, regions: Sequence[Region], region_arrays: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
+        """The regions as the model sees them, mapped back to (H, W) bool masks of the current
+        image (for drawing outlines). Raises InputError for a region outside the image."""
+        entry = self._current()
+        h, w = entry.image.original_hw
+        size = self.model.config.vision.image_size
+        s = size / max(h, w)
+        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
+        out = []
+        for r, a in zip(regions, arrays):
+            small = self.model.processor.rasterize_region(r, (h, w), a).numpy()[: max(1, round(h * s)), : max(1, round(w * s))]
+            out.append(np.asarray(Image.fromarray(small.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0)
+        return out
+
+    # ------------------------------------------------------------------ questions
+    def ask(
+        self,
+        question: str,
+        regions: Sequence[Region] = (),
+        region_arrays: Sequence[np.ndarray | None] | None = None,
+        history: Sequence[Turn] = (),
+        *,
+        max_new_tokens: int | None = None,
+        use_cache: bool = True,
+        temperature: float = 0.0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Prediction:
+        """Answer `question` about the current image. Regions are in original pixels, one per
+        `<region>` (appended when the conversation has none); `on_text` receives text deltas.
+        `timings["image_s"]` is what `set_image` spent on this image just before (0 when reused)."""
+        question = with_placeholders(question, len(regions), history)
+        with self._lock:
+            entry = self._current()
+            on_token = None
+            if on_text is not None:
+                proc = self.model.processor
+                stream = TextStream(proc.decode, skip=(proc.tokenizer.eos_token_id, proc.tokenizer.pad_token_id))
+
+                def on_token(tid: int) -> None:
+                    delta = stream.push(tid)
+                    if delta:
+                        on_text(delta)
+
+            prompt = self.model.processor.encode_conversation([*history, Turn(role="user", content=question)],
+                                                              add_generation_prompt=True)[0]
+            t0 = time.perf_counter()
+            ans = self.model.generate(
+                None, question, regions, region_arrays, history, features=(entry.image, entry.features),
+                max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature, on_token=on_token,
+            )
+            dt = time.perf_counter() - t0
+            entry.nbytes = _nbytes(entry.image, entry.features)
+            image_s, self._image_s = self._image_s, 0.0
+        h, w = entry.image.original_hw
+        n = len(ans.token_ids)
+        finished = n > 0 and ans.token_ids[-1] == self.model.tokenizer.eos_token_id
+        return Prediction(
+            text=ans.text,
+            masks=ans.masks,
+            boxes=[mask_to_box(m) if m.any() else None for m in ans.masks],
+            scores=ans.scores,
+            text_boxes=[grid_to_box(g, w, h, MED_GRIT_GRID) for g in parse_med_grit(ans.text) if max(g) <= MED_GRIT_GRID],
+            token_ids=ans.token_ids,
+            prompt_tokens=len(prompt),
+            finish_reason="stop" if finished else "length",
+            timings={"image_s": image_s, "generate_s": dt, "total_s": image_s + dt, "tokens_per_s": n / dt if dt > 0 else 0.0},
+        )
+
+    def segment(self, target: str, regions: Sequence[Region] = (), **kwargs: Any) -> Prediction:
+        """Ground `target` ("polyp", "liver", ...) with the grounding question the model was trained on."""
+        return self.ask(SEGMENT_TEMPLATE.format(target=target.strip()), regions, **kwargs)
+
+    def stream(self, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> Iterator[str | Prediction]:
+        """Like `ask`, but yields text deltas as they are decoded, then the Prediction last.
+        Decoding runs on a helper thread; an error there is raised here."""
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def work() -> None:
+            try:
+                events.put(("done", self.ask(question, regions, on_text=lambda d: events.put(("text", d)), **kwargs)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                events.put(("error", exc))
+
+        threading.Thread(target=work, name="medplib-stream", daemon=True).start()
+        while True:
+            kind, value = events.get()
+            if kind == "text":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                yield value
+                return
+
+    def ask_many(self, queries: Sequence[Query], **kwargs: Any) -> list[Prediction]:
+        """Answer a batch, in the given order. Questions on the same image share its features
+        (queries are grouped by image content); decoding is one sample at a time."""
+        rgbs = [as_rgb(q.image) for q in queries]
+        order = sorted(range(len(queries)), key=lambda i: hashlib.blake2b(rgbs[i].tobytes(), digest_size=8).digest())
+        results: dict[int, Prediction] = {}
+        with self._lock:
+            for i in order:
+                q = queries[i]
+                self.set_image(rgbs[i])
+                results[i] = self.ask(q.question, q.regions, q.region_arrays, q.history, **kwargs)
+        return [results[i] for i in range(len(queries))]

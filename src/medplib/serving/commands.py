@@ -1,0 +1,145 @@
+"""The user-facing front ends of the Predictor as `medplib` commands: `ask` (one question from
+the shell) and `serve` (the HTTP API and web page). Registered in `medplib.cli`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+
+from medplib.errors import InputError
+
+
+def _numbers(text: str, n: int, what: str) -> tuple[float, ...]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise InputError(f"--{what} {text!r} must be {n} comma-separated numbers")
+    return values
+
+
+def _image_ref(image: Path, slice_index: Optional[int], axis: int) -> str:
+    """The file plus the reader options: a NIfTI slice, or a DICOM/TIFF frame."""
+    nifti = image.name.lower().endswith((".nii", ".nii.gz"))
+    if nifti:
+        return f"{image}#axis={axis}" + (f",index={slice_index}" if slice_index is not None else "")
+    return f"{image}#frame={slice_index}" if slice_index is not None else str(image)
+
+
+def _mask_paths(path: Path, n: int) -> list[Path]:
+    """out.png for the first mask, out_2.png, out_3.png ... for the others."""
+    return [path if k == 0 else path.with_name(f"{path.stem}_{k + 1}{path.suffix}") for k in range(n)]
+
+
+def ask(
+    image: Path = typer.Argument(..., help="PNG/JPG/TIFF, DICOM, or NIfTI (with --slice) image file"),
+    question: str = typer.Argument(..., help="the question; <region> marks where a region goes (appended if absent)"),
+    model: Path = typer.Option(..., "--model", help="a saved medplib model folder"),
+    point: list[str] = typer.Option([], "--point", help="x,y in pixels (repeatable)"),
+    box: list[str] = typer.Option([], "--box", help="x1,y1,x2,y2 in pixels (repeatable)"),
+    region_mask: list[Path] = typer.Option([], "--region-mask", help="free-form region as a mask image (repeatable)"),
+    slice_index: Optional[int] = typer.Option(None, "--slice", help="NIfTI slice index (default: middle) or DICOM/TIFF frame"),
+    axis: int = typer.Option(2, help="NIfTI slice axis: 0 sagittal, 1 coronal, 2 axial"),
+    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="write the mask as PNG (more masks: NAME_2.png, ...)"),
+    overlay_out: Optional[Path] = typer.Option(None, "--overlay-out", help="write the image with masks and regions drawn"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
+) -> None:
+    """Ask one question about one image. Regions are used in this order: points, boxes, masks."""
+    from PIL import Image
+    from pydantic import ValidationError
+
+    from medplib.data.images import read_image
+    from medplib.data.masks import read_mask_image, rle_encode, write_mask_png
+    from medplib.data.schema import BoxRegion, MaskRegion, PointRegion
+    from medplib.inference import Prediction, Predictor
+    from medplib.visualize import overlay
+
+    regions: list[Any] = [PointRegion(point=_numbers(p, 2, "point")) for p in point]
+    try:
+        regions += [BoxRegion(box=_numbers(b, 4, "box")) for b in box]
+    except ValidationError as exc:  # x2 < x1 or y2 < y1
+        raise InputError(f"--box: {exc.errors()[0]['msg']}") from None
+    regions += [MaskRegion(mask=str(m)) for m in region_mask]
+    arrays: list[np.ndarray | None] = [None] * (len(point) + len(box)) + [read_mask_image(m) for m in region_mask]
+
+    data = read_image(_image_ref(image, slice_index, axis))
+    predictor = Predictor.from_pretrained(model, device=device)
+    predictor.set_image(data.rgb)
+    if as_json:
+        pred = predictor.ask(question, regions, arrays, max_new_tokens=max_new_tokens)
+    else:
+        pred = None
+        for piece in predictor.stream(question, regions, region_arrays=arrays, max_new_tokens=max_new_tokens):
+            if isinstance(piece, Prediction):
+                pred = piece
+            else:
+                typer.echo(piece, nl=False)
+        typer.echo("")
+    assert pred is not None
+
+    written: list[str] = []
+    if mask_out is not None:
+        if pred.masks:
+            for mask, path in zip(pred.masks, _mask_paths(mask_out, len(pred.masks))):
+                write_mask_png(mask, path)
+                written.append(str(path))
+        else:
+            typer.echo(f"the answer has no [SEG]: no mask written to {mask_out}", err=True)
+    if overlay_out is not None:
+        overlay_out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(overlay(data.rgb, pred.masks, regions=predictor.region_masks(regions, arrays))).save(overlay_out)
+
+    if as_json:
+        typer.echo(json.dumps({
+            "text": pred.text,
+            "masks": [{"rle": rle_encode(m).model_dump(), "box": list(b) if b else None, "score": s}
+                      for m, b, s in zip(pred.masks, pred.boxes, pred.scores)],
+            "text_boxes": [list(b) for b in pred.text_boxes],
+            "mask_files": written,
+            "overlay_file": str(overlay_out) if overlay_out is not None else None,
+            "timings": pred.timings,
+        }))
+        return
+    for k, (mask, b, s) in enumerate(zip(pred.masks, pred.boxes, pred.scores)):
+        where = f"box ({', '.join(f'{v:g}' for v in b)})" if b else "empty"
+        typer.echo(f"mask {k + 1}: {int(mask.sum())} pixels, {where}, score {s:.3f}" + (f" -> {written[k]}" if written else ""))
+    if overlay_out is not None:
+        typer.echo(f"overlay -> {overlay_out}")
+    t = pred.timings
+    typer.echo(f"image {t['image_s']:.2f} s, answer {t['generate_s']:.2f} s ({t['tokens_per_s']:.1f} tokens/s)", err=True)
+
+
+def serve(
+    model: Path = typer.Option(..., "--model", help="a saved medplib model folder"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="MEDPLIB_API_KEY", help="require 'Authorization: Bearer KEY' on /v1/*"),
+    model_name: Optional[str] = typer.Option(None, help="the id clients send as 'model' (default: the folder name)"),
+    max_upload_mb: float = typer.Option(20.0, help="largest request body, in MiB (413 beyond)"),
+    max_image_pixels: int = typer.Option(4096 * 4096, help="largest image, width x height (413 beyond)"),
+    queue_size: int = typer.Option(32, help="requests that may wait for the model (429 beyond)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="cap on answer length"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
+) -> None:
+    """Serve the model over HTTP: OpenAI-compatible chat API, /v1/segment and a web page at /."""
+    try:
+        from medplib.serving.app import ServerSettings, serve as run_server
+    except ImportError as exc:
+        typer.echo(f"error: serving needs the 'serve' extra (pip install 'medplib[serve]'): {exc}", err=True)
+        sys.exit(2)
+    if not (model / "config.json").is_file():
+        raise InputError(f"{model} is not a medplib model folder (needs config.json)")
+    settings = ServerSettings(model_name=model_name or model.resolve().name, api_key=api_key,
+                              max_upload_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
+                              queue_size=queue_size, max_new_tokens=max_new_tokens)
+    typer.echo(f"serving {settings.model_name} on http://{host}:{port}/ (API at /v1, web page at /)", err=True)
+    run_server(model, host=host, port=port, device=device, settings=settings)

@@ -1,0 +1,124 @@
+"""Request and response shapes. Requests follow OpenAI's chat API (unknown OpenAI fields are
+accepted and ignored) plus one extension object, `medplib`; responses add `medplib` with masks.
+
+Request extension:  "medplib": {"regions": [{"kind": "point", "point": [x, y]}, ...], "return_png": true}
+Response extension: "medplib": {"masks": [{"rle": {"size": [h, w], "counts": "..."}, "png_base64": "...",
+                                           "box": [x1, y1, x2, y2], "score": 0.9}],
+                                "text_boxes": [[x1, y1, x2, y2]], "timings": {...}}
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any, Literal, Union
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from medplib.data.masks import rle_encode
+from medplib.inference import Prediction
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Lenient):
+    url: str
+
+
+class ContentPart(_Lenient):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: Union[ImageURL, str, None] = None
+
+
+class Message(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+
+class MedplibOptions(_Strict):
+    regions: list[dict[str, Any]] = Field(default_factory=list)  # schema Region objects, original pixels
+    return_png: bool = True  # masks as PNG base64 beside the RLE
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatRequest(_Lenient):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: greedy, as in evaluation
+    medplib: MedplibOptions = Field(default_factory=MedplibOptions)
+
+
+class SegmentRequest(_Strict):
+    image: str  # data URL or bare base64 of a PNG/JPG/TIFF/DICOM file
+    model: str | None = None
+    target: str | None = None  # asks "Please segment the {target}."
+    question: str | None = None  # or any question (one of target / question)
+    regions: list[dict[str, Any]] = Field(default_factory=list)
+    max_tokens: int | None = Field(default=None, ge=1)
+    return_png: bool = True
+
+
+class PreviewRequest(_Strict):
+    image: str
+
+
+def png_base64(array: np.ndarray) -> str:
+    """(H, W) bool -> 0/255 PNG, or (H, W, 3) uint8 -> RGB PNG, base64 text."""
+    a = array.astype(np.uint8) * 255 if array.dtype == bool else array
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def mask_objects(pred: Prediction, return_png: bool) -> list[dict[str, Any]]:
+    out = []
+    for mask, box, score in zip(pred.masks, pred.boxes, pred.scores):
+        obj: dict[str, Any] = {"rle": rle_encode(mask).model_dump(), "box": list(box) if box else None, "score": score}
+        if return_png:
+            obj["png_base64"] = png_base64(mask)
+        out.append(obj)
+    return out
+
+
+def extension(pred: Prediction, return_png: bool) -> dict[str, Any]:
+    return {"masks": mask_objects(pred, return_png), "text_boxes": [list(b) for b in pred.text_boxes],
+            "timings": pred.timings}
+
+
+def usage(pred: Prediction) -> dict[str, int]:
+    n = len(pred.token_ids)
+    return {"prompt_tokens": pred.prompt_tokens, "completion_tokens": n, "total_tokens": pred.prompt_tokens + n}
+
+
+def completion(pred: Prediction, *, id: str, model: str, created: int, return_png: bool) -> dict[str, Any]:
+    """A `chat.completion` object."""
+    return {
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": pred.text},
+                     "finish_reason": pred.finish_reason, "logprobs": None}],
+        "usage": usage(pred),
+        "medplib": extension(pred, return_png),
+    }
+
+
+def chunk(*, id: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+          **extra: Any) -> dict[str, Any]:
+    """A `chat.completion.chunk` object (one server-sent event)."""
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
