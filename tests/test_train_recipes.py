@@ -1,0 +1,117 @@
+"""Recipes: every shipped YAML parses with the published values; overrides and their errors;
+trainable groups; LoRA injection keeps outputs and merging is exact; the stream sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medplib.api import MedPLIB
+from medplib.training.data import StreamSampler
+from medplib.training.pipeline import STAGES, default_recipes_dir
+from medplib.training.recipe import RecipeError, load_recipe
+from medplib.training.trainable import add_lora, merge_lora, set_trainable
+
+RECIPES = default_recipes_dir()
+
+
+def test_every_shipped_recipe_parses() -> None:
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    assert set(STAGES) | {"pefomed_lora", "box_grounding"} <= set(names)
+    for name in names:
+        assert load_recipe(RECIPES / f"{name}.yaml").name == name
+
+
+def test_published_stage_values() -> None:
+    r = {s: load_recipe(RECIPES / f"{s}.yaml") for s in STAGES}
+    assert r["stage1_alignment"].trainable == ["projector"] and r["stage1_alignment"].lora.r == 0
+    s2, s3, s4 = r["stage2_vl_expert"], r["stage3_pg_expert"], r["stage4_moe"]
+    assert (s2.lora.r, s2.lora.alpha, s2.optim.lr) == (16, 16, 1e-4)
+    assert set(s2.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (s3.lora.r, s3.lora.alpha, s3.optim.lr, s3.loss) == (8, 16, 3e-4, {"ce": 1.0, "dice": 5.0, "bce": 1.0, "focal": 1.0, "iou": 0.0})
+    assert set(s4.lora.targets) == {"gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"}
+    assert (s4.loss["ce"], s4.loss["dice"], s4.loss["bce"]) == (1.0, 0.5, 2.0)
+    assert s4.upcycle.top_k == 1 and len(s4.upcycle.experts) == 2 and s4.upcycle.capacity_factor_train == 1.5
+    assert all(x.train.global_batch == 128 and x.optim.betas == [0.9, 0.95] for x in r.values())
+    pef = load_recipe(RECIPES / "pefomed_lora.yaml")
+    assert (pef.lora.r, pef.lora.alpha, pef.lora.dropout, pef.lora.targets) == (64, 16, 0.05, ["q_proj", "v_proj"])
+    assert pef.trainable == ["lora", "projector"]
+
+
+def test_overrides_and_their_errors() -> None:
+    path = RECIPES / "stage2_vl_expert.yaml"
+    r = load_recipe(path, ["train.steps=7", "lora.targets=[q_proj,v_proj]", "optim.lr=2e-4",
+                           "model.overrides.loss.dice=0", "model.preset=tiny", "model.path=null"])
+    assert (r.train.steps, r.lora.targets, r.optim.lr, r.model.overrides) == (7, ["q_proj", "v_proj"], 2e-4, {"loss.dice": 0})
+    with pytest.raises(RecipeError, match="unknown recipe key 'train.stepz'"):
+        load_recipe(path, ["train.stepz=3"])
+    with pytest.raises(RecipeError, match="unknown recipe key 'colour'"):
+        load_recipe(path, ["colour=red"])
+    with pytest.raises(RecipeError, match="expected an integer"):
+        load_recipe(path, ["train.steps=ten"])
+    with pytest.raises(RecipeError, match="bad override"):
+        load_recipe(path, ["train.steps"])
+    with pytest.raises(RecipeError, match="choose from"):
+        load_recipe(path, ["train.mixed_precision=fp8"])
+    with pytest.raises(RecipeError, match="exactly one of"):
+        load_recipe(path, ["model.preset=tiny"])
+    with pytest.raises(RecipeError, match="unknown weights"):
+        load_recipe(path, ["loss.dise=1"])
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        load_recipe(RECIPES / "nope.yaml")
+
+
+def test_trainable_groups_and_lora_merge_is_exact() -> None:
+    m = MedPLIB.from_preset("tiny", seed=0)
+    ids = torch.randint(5, 200, (2, 12))
+    with torch.no_grad():
+        before = m.model.llm(input_ids=ids).logits
+    add_lora(m.model, 4, 8, 0.0, ["q_proj", "v_proj", "gate_proj"])
+    with torch.no_grad():
+        assert torch.equal(m.model.llm(input_ids=ids).logits, before)  # B starts at zero
+    n = set_trainable(m.model, ["lora", "projector"])
+    train = {k for k, p in m.model.named_parameters() if p.requires_grad}
+    assert train and all(".lora_" in k or k.startswith("projector.") for k in train)
+    assert n == sum(p.numel() for p in m.model.parameters() if p.requires_grad)
+    for k, p in m.model.named_parameters():
+        if ".lora_B." in k:
+            torch.nn.init.normal_(p, std=0.05)  # as if trained
+    m.model.eval()
+    with torch.no_grad():
+        adapted = m.model.llm(input_ids=ids).logits
+        assert not torch.allclose(adapted, before)
+        assert merge_lora(m.model) == 3 * m.model.llm.config.num_hidden_layers
+        merged = m.model.llm(input_ids=ids).logits
+    assert not any(".lora_" in k or "base_layer" in k for k in m.model.state_dict())
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RecipeError, match="unknown trainable group"):
+        set_trainable(m.model, ["projectr"])
+    with pytest.raises(RecipeError, match="name no module"):
+        add_lora(m.model, 4, 8, 0.0, ["qkv"])
+
+
+def test_stream_sampler_shards_the_global_batch_and_resumes() -> None:
+    kw = dict(global_batch=8, micro_batch=2, total_steps=5, seed=3)
+    one = list(StreamSampler(10, rank=0, world=1, start_step=0, **kw))  # type: ignore[arg-type]
+    r0 = list(StreamSampler(10, rank=0, world=2, start_step=0, **kw))  # type: ignore[arg-type]
+    r1 = list(StreamSampler(10, rank=1, world=2, start_step=0, **kw))  # type: ignore[arg-type]
+    for step in range(5):  # each global batch is the same set of samples for 1 or 2 processes
+        g = one[step * 8:(step + 1) * 8]
+        assert sorted(r0[step * 4:(step + 1) * 4] + r1[step * 4:(step + 1) * 4]) == sorted(g)
+    assert sorted(one[:10]) == list(range(10)) and one[:10] != one[10:20]  # an epoch is a permutation, reshuffled
+    assert list(StreamSampler(10, rank=0, world=1, start_step=2, **kw)) == one[16:]  # type: ignore[arg-type]
+    with pytest.raises(RecipeError, match="multiple"):
+        StreamSampler(10, global_batch=6, micro_batch=4, rank=0, world=1, start_step=0, total_steps=1, seed=0)
+
+
+def test_missing_model_folder_and_data_are_clear_errors(tmp_path: Path) -> None:
+    from medplib.training.build import build_model
+    from medplib.training.data import build_dataset
+
+    r = load_recipe(RECIPES / "stage2_vl_expert.yaml", [f"model.path={tmp_path / 'none'}", f"data.dir={tmp_path}"])
+    with pytest.raises(RecipeError, match="model.path"):
+        build_model(r)
+    with pytest.raises(RecipeError, match="no file matches"):
+        build_dataset(r.data, 0)
