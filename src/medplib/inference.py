@@ -85,18 +85,19 @@ def with_placeholders(question: str, n_regions: int, history: Sequence[Turn] = (
 def as_rgb(image: Any) -> np.ndarray:
     """An image as the model sees it: (H, W, 3) uint8 from an array, PIL image, ImageData or path."""
     if isinstance(image, ImageData):
-        return image.rgb
-    if isinstance(image, (str, Path)):
-        return read_image(image).rgb
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-            raise InputError(f"image must be (H, W, 3) uint8; got {image.dtype} {tuple(image.shape)}")
-        return np.ascontiguousarray(image[:, :, :3])
-    raise InputError(f"expected an image array, PIL image, ImageData or path; got {type(image).__name__}")
+        image = image.rgb
+    elif isinstance(image, (str, Path)):
+        image = read_image(image).rgb
+    elif isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"expected an image array, PIL image, ImageData or path; got {type(image).__name__}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise InputError(f"image must be (H, W, 3) uint8; got {image.dtype} {tuple(image.shape)}")
+    rgb = np.ascontiguousarray(image[:, :, :3])
+    return rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy warns on read-only arrays
 
 
 def _nbytes(img: ImageInputs, feats: ImageFeatures) -> int:

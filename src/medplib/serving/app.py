@@ -13,10 +13,12 @@ import logging
 import secrets
 import time
 import uuid
-from contextlib import asynccontextmanager
+import socket
+import threading
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -199,10 +201,11 @@ class Server:
                 yield event(error_body(str(exc) if status < 500 else "internal error", code))
                 return
             pred: Prediction = value.result()
-            extra: dict[str, Any] = {"medplib": schemas.extension(pred, png)}
-            if include_usage:
-                extra["usage"] = schemas.usage(pred)
-            yield event(schemas.chunk(id=rid, model=name, created=created, delta={}, finish_reason=pred.finish_reason, **extra))
+            yield event(schemas.chunk(id=rid, model=name, created=created, delta={}, finish_reason=pred.finish_reason,
+                                      medplib=schemas.extension(pred, png)))
+            if include_usage:  # as OpenAI does: one more chunk, with no choices
+                yield event({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                             "choices": [], "usage": schemas.usage(pred)})
             yield "data: [DONE]\n\n"
             return
 
@@ -294,3 +297,27 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, devic
     if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run `app` with uvicorn on a free port of `host` in a thread; yields its base URL and shuts
+    it down on exit (for tests, benchmarks and notebooks)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))  # bound before the thread starts, so the port cannot be taken meanwhile
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="medplib-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
