@@ -12,6 +12,7 @@ const state = {
   imageUrl: null,     // its data URL, sent with every question
   tool: "none",
   pending: [],        // regions drawn for the next question
+  asked: [],          // regions of the last question, drawn until the next one
   drag: null,         // the region being drawn
   turns: [],          // [{role, text, regions}] of this conversation
   masks: [],          // [{tinted: canvas, png: base64}] of the last answer
@@ -99,8 +100,9 @@ function redraw() {
     ctx.restore();
   }
   canvas.dataset.overlay = shown ? "shown" : "hidden";
+  for (const r of state.asked) drawRegion(r, "#ffffff");
   for (const r of state.pending) drawRegion(r, "#ffd400");
-  if (state.drag) drawRegion(state.drag, "#ffffff");
+  if (state.drag) drawRegion(state.drag, "#ffd400");
 }
 
 // ---------------------------------------------------------------- region tools
@@ -152,8 +154,17 @@ $("show-overlay").addEventListener("change", redraw);
 $("opacity").addEventListener("input", redraw);
 
 // ---------------------------------------------------------------- image
+// Show the image as large as the stage allows (small images are scaled up, pixels stay exact).
+function fitCanvas() {
+  const stage = canvas.parentElement;
+  const scale = Math.min(stage.clientWidth / canvas.width, 0.7 * window.innerHeight / canvas.height);
+  canvas.style.width = Math.floor(canvas.width * scale) + "px";
+  canvas.style.height = Math.floor(canvas.height * scale) + "px";
+}
+window.addEventListener("resize", () => { if (state.image) fitCanvas(); });
+
 function newConversation() {
-  state.turns = []; state.pending = []; state.masks = [];
+  state.turns = []; state.pending = []; state.asked = []; state.masks = [];
   $("history").replaceChildren();
   $("download").classList.add("disabled"); $("download").removeAttribute("href");
   redraw();
@@ -171,6 +182,7 @@ $("file").addEventListener("change", async () => {
     state.imageUrl = "data:image/png;base64," + out.png_base64;
     state.image = await loadImage(state.imageUrl);
     canvas.width = out.width; canvas.height = out.height;
+    fitCanvas();
     newConversation();
     $("ask").disabled = false;
     setStatus(file.name + ": " + out.width + " x " + out.height + " pixels. Pick a tool to draw a region, or just ask.");
@@ -241,6 +253,8 @@ $("ask-form").addEventListener("submit", async (ev) => {
   const regions = state.pending;
   state.turns.push({ role: "user", text: question, regions });
   state.pending = [];
+  state.asked = regions;
+  $("question").value = "";
   redraw();
   addBubble("user", question, regions.length ? regions.map((r) => r.kind).join(", ") : "");
   const bubble = addBubble("assistant", "");
