@@ -41,17 +41,21 @@ def info(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="folder for the model, overlays and demo.json"),
+    out: Path = typer.Option(Path("runs/demo"), help="folder for the data, the stage runs, the model, overlays and demo.json"),
     preset: str = typer.Option("small", help="model preset to train"),
-    steps: int = typer.Option(240, help="training steps"),
-    n_train: int = typer.Option(72, help="training phantoms"),
-    retrain: bool = typer.Option(False, help="train again even if a model exists in OUT/model"),
+    steps: str = typer.Option("80,200,150,150", help="optimizer steps for stages I-IV"),
+    n_phantoms: int = typer.Option(72, help="phantom images to build (split into train/val/test)"),
+    retrain: bool = typer.Option(False, help="train again even if OUT/run/model exists"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Train on phantoms, then answer a VQA, a region and a grounding question and write overlays."""
+    """Build phantoms, train stages I-IV, evaluate, answer a VQA, a region and a grounding question, write overlays."""
     from medplib.demo import run_demo
 
-    run_demo(out, preset=preset, steps=steps, n_train=n_train, retrain=retrain, seed=seed, log=typer.echo)
+    try:
+        counts = [int(x) for x in steps.split(",")]
+    except ValueError:
+        raise MedplibError(f"--steps must be 4 comma-separated integers, got {steps!r}") from None
+    run_demo(out, preset=preset, steps=counts, n_phantoms=n_phantoms, retrain=retrain, seed=seed, log=typer.echo)
 
 
 app.command("eval")(eval_command)
