@@ -44,7 +44,7 @@ SEGMENT_ANSWER = f"Sure, it is {SEG_TOKEN}."
 # benchmarks whose --data is one file that already is the evaluation set (no split field to filter)
 _FILE_IS_SPLIT = ("mecovqa", "med-grit")
 _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-_RUN_KEYS = ("benchmark", "model", "data", "split")
+_RUN_KEYS = ("benchmark", "model_path", "data", "split")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _grounding_samples(items: Iterable[LabelledImage]) -> Iterator[Sample]:
             # several instances of a label are one target: their union, kept in memory as RLE
             mask = insts[0].path if single else rle_encode(np.logical_or.reduce([i.mask for i in insts]))
             yield Sample(
-                id=f"{item.source}:{stem}:{label}", image=item.image,
+                id=f"{stem}:{label}", image=item.image,
                 conversations=[Turn(role="user", content=SEGMENT_QUESTION.format(label=label)),
                                Turn(role="assistant", content=SEGMENT_ANSWER)],
                 targets=[Target(mask=mask, label=label)], modality=item.modality, task="grounding",
@@ -263,10 +263,11 @@ def run_benchmark(
     from medplib.api import MedPLIB
 
     out = Path(out)
-    chosen = select_samples(benchmark, data, split=split, limit=limit, modality=modality, image_dir=image_dir)
-    run = {"benchmark": benchmark, "model": str(Path(model_path).resolve()), "data": str(Path(data).resolve()),
-           "split": "file" if benchmark in _FILE_IS_SPLIT else split}
+    # `model` names it in titles as the user wrote it; the resolved paths tell runs apart
+    run = {"benchmark": benchmark, "model": str(model_path), "model_path": str(Path(model_path).resolve()),
+           "data": str(Path(data).resolve()), "split": "file" if benchmark in _FILE_IS_SPLIT else split}
     _check_same_run(out, run)
+    chosen = select_samples(benchmark, data, split=split, limit=limit, modality=modality, image_dir=image_dir)
     store = PredictionStore(out / "predictions.jsonl")
     done = store.done_ids()
     todo = [s for s in chosen.samples if s.id not in done]
