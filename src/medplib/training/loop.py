@@ -81,8 +81,9 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
     run = Path(recipe.output_dir)
 
     # 1. Processes, precision, accumulation: the global batch is fixed, accumulation fills it.
-    # Without a GPU, torchrun's environment means gloo DDP on the CPU (accelerate needs cpu=True for it).
-    cpu = not torch.cuda.is_available()
+    # Without a GPU, torchrun's environment means gloo DDP on the CPU (accelerate needs cpu=True for
+    # it), except under `accelerate launch` with a DeepSpeed config, which cpu=True would switch off.
+    cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
     world = PartialState(cpu=cpu).num_processes
     if t.global_batch % (t.micro_batch * world):
         raise RecipeError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
@@ -92,8 +93,8 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
         # find_unused_parameters: a batch without [SEG] leaves the mask decoder out of the graph.
         accelerator = Accelerator(cpu=cpu, mixed_precision="no" if t.mixed_precision == "fp32" else t.mixed_precision, gradient_accumulation_steps=accum,
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    except ValueError as exc:  # e.g. fp16 without a GPU
-        raise RecipeError(f"train.mixed_precision={t.mixed_precision}: {exc}") from None
+    except ValueError as exc:  # e.g. fp16 without a GPU, or a bad accelerate config file
+        raise RecipeError(f"cannot set up accelerate (train.mixed_precision={t.mixed_precision}): {exc}") from None
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     if sharded and ck.every:
         raise RecipeError("periodic checkpoints with exact resume are implemented for CPU, one device and DDP; "
@@ -118,6 +119,10 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
     opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay)
     warm = math.ceil(o.warmup_ratio * steps) if o.warmup_ratio > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_linear(s, steps, warm))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed batches and clips from its own config
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds.update(train_micro_batch_size_per_gpu=t.micro_batch, gradient_accumulation_steps=accum,
+                  gradient_clipping=o.grad_clip)
     model, opt = accelerator.prepare(m.model, opt)  # the scheduler is stepped by hand, once per optimizer step
 
     # 5. Resume from the newest complete checkpoint: weights, optimizer, schedule, RNG, data position.
@@ -134,7 +139,8 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
         keep = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= start]
         metrics_path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
         log(f"[{recipe.name}] {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters train; {len(dataset)} samples; "  # type: ignore[arg-type]
-            f"{steps} steps of {t.global_batch} ({world} process(es) x {t.micro_batch} x {accum} accumulation)"
+            f"{steps} steps of {t.global_batch} ({world} process(es) x {t.micro_batch} x {accum} accumulation, "
+            f"{accelerator.distributed_type.value}, {t.mixed_precision})"
             + (f"; resuming at step {start} from {found}" if found is not None else ""))
     sampler = StreamSampler(len(dataset), global_batch=t.global_batch, micro_batch=t.micro_batch, rank=rank,  # type: ignore[arg-type]
                             world=world, start_step=start, total_steps=steps, seed=t.seed)
@@ -208,6 +214,9 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
     # 7. The stage's model: LoRA merged into the base weights, a folder that inference loads.
     barrier()
     folder = run / MODEL_DIR
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        for p in m.model.parameters():  # ZeRO-2 keeps parameters as views of one flat buffer: give each its own
+            p.data = p.data.clone()
     merge_lora(m.model)
     m.model.eval()
     if main:

@@ -17,8 +17,6 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
 import medplib
 from medplib.training.loop import MODEL_DIR, train
 from medplib.training.recipe import RecipeError, load_recipe
@@ -91,7 +89,7 @@ def run_pipeline(
             continue
         train(recipe, log=log)
     final = run / MODEL_DIR
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState()  # already set up by train()
     if state.is_main_process:
         tmp = run / (MODEL_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
