@@ -137,3 +137,15 @@ def test_paper_preset_has_the_published_shapes() -> None:
     assert s.parts["region_encoder"] == 1024 * 4096 + 4096  # Linear(1024, 4096)
     assert s.parts["seg_projection"] == (4096 * 4096 + 4096) + (4096 * 256 + 256)
     assert 11.0e9 < s.total < 12.5e9 and 6.8e9 < s.active < 7.6e9  # published: ~12B total, ~7B active
+
+
+def test_bfloat16_load_and_generate(kvasir_model, shared_data) -> None:
+    """dtype is a loading option, not a code path: bf16 weights still ground the polyp."""
+    from conftest import KVASIR_QUESTION, kvasir_images
+
+    m = MedPLIB.from_pretrained(kvasir_model, dtype=torch.bfloat16)
+    assert next(m.model.parameters()).dtype == torch.bfloat16
+    _, img, gt = kvasir_images(shared_data, 1)[0]
+    ans = m.generate(img, KVASIR_QUESTION)
+    assert len(ans.masks) == 1 and ans.masks[0].shape == gt.shape
+    assert 2 * (ans.masks[0] & gt).sum() / (ans.masks[0].sum() + gt.sum()) > 0.8

@@ -96,7 +96,7 @@ class Processor:
     # ---------------------------------------------------------------- images
     def prepare_image(self, image: Any) -> ImageInputs:
         rgb = _as_rgb_array(image)
-        t = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+        t = torch.tensor(rgb).permute(2, 0, 1).float() / 255.0  # a copy: reader arrays may be read-only
         vision, _ = _resize_pad(t, self.config.vision.image_size, self.config.vision.mean, self.config.vision.std)
         pixel, valid = _resize_pad(t, self.config.pixel.image_size, self.config.pixel.mean, self.config.pixel.std)
         return ImageInputs(vision, pixel, (rgb.shape[0], rgb.shape[1]), valid)
