@@ -1,0 +1,97 @@
+"""Generation latency of the 2-expert top-1 MoE model over the dense model it is upcycled from,
+measured side by side in one process (interleaved, median of repeats). Prints JSON lines.
+
+The paper's claim: at inference one expert runs per token, so the MoE model costs what the dense
+model costs. Both models decode exactly `--tokens` tokens (end-of-sequence is disabled), with the
+KV cache, greedy.
+
+    python benchmarks/bench_moe.py --preset small --tokens 32 --repeats 7
+    python benchmarks/bench_moe.py --paper-width --layers 2   # LLM layers of the published width
+
+The small preset's LLM (hidden 384) is so narrow that the router's bookkeeping per layer is a
+visible share of a decoding step; `--paper-width` gives the LLM the published LLaMA-2-7B layer
+width (hidden 4096, MLP 11008, 32 heads), `--layers` of them, where the claim is meant to hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import torch
+
+from medplib.api import MedPLIB
+from medplib.data.phantoms import make_phantom
+from medplib.model.moe import moe_layers
+from medplib.training.build import upcycle
+from medplib.training.recipe import UpcycleSection
+
+
+def _never_stop(m: MedPLIB) -> None:
+    m.model.ids = dataclasses.replace(m.model.ids, eos=-1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--paper-width", action="store_true", help="LLM layers of the published 7B width")
+    ap.add_argument("--layers", type=int, default=2, help="LLM layers with --paper-width")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    over = {}
+    if args.paper_width:
+        over = {"llm.hf.hidden_size": 4096, "llm.hf.intermediate_size": 11008, "llm.hf.num_attention_heads": 32,
+                "llm.hf.num_key_value_heads": 32, "llm.hf.num_hidden_layers": args.layers}
+
+    dense = MedPLIB.from_preset(args.preset, seed=0, **over)
+    # Expert 1 is a second copy of the same dense MLPs: the cost does not depend on the weights.
+    moe = upcycle(MedPLIB.from_preset(args.preset, seed=0, **over), [dense, dense], UpcycleSection())
+    for m in (dense, moe):
+        m.model.eval()
+        _never_stop(m)
+    image = make_phantom("ct", seed=0, size=256).image
+    question = "What imaging modality is this?"
+    feats = {id(m): m.image_features(image) for m in (dense, moe)}
+
+    def timed(m: MedPLIB, cached_features: bool) -> float:
+        start = time.perf_counter()
+        ans = m.generate(image, question, max_new_tokens=args.tokens,
+                         features=feats[id(m)] if cached_features else None)
+        elapsed = time.perf_counter() - start
+        assert len(ans.token_ids) == args.tokens
+        return elapsed
+
+    for m in (dense, moe):  # warm-up
+        timed(m, False)
+    for mode, cached in (("generate", False), ("llm_only", True)):
+        d, e = [], []
+        for _ in range(args.repeats):  # interleaved, so load changes hit both alike
+            d.append(timed(dense, cached))
+            e.append(timed(moe, cached))
+        dm, em = statistics.median(d), statistics.median(e)
+        print(json.dumps({"bench": "moe_generation_latency", "mode": mode, "preset": args.preset,
+                          "llm_hidden": dense.model.llm.config.hidden_size,
+                          "llm_layers": dense.model.llm.config.num_hidden_layers, "tokens": args.tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                          "dense_s": round(dm, 4), "moe_s": round(em, 4), "ratio": round(em / dm, 3),
+                          "dense_ms_per_token": round(1000 * dm / args.tokens, 2),
+                          "moe_ms_per_token": round(1000 * em / args.tokens, 2)}), flush=True)
+    counts = torch.stack([layer.last_counts for layer in moe_layers(moe.model.llm)]).sum(0)
+    print(json.dumps({"bench": "moe_routing_last_step", "tokens_per_expert": counts.tolist(),
+                      "experts": len(counts), "top_k": moe.config.moe.top_k}), flush=True)
+    n_dense = sum(p.numel() for p in dense.model.parameters())
+    n_moe = sum(p.numel() for p in moe.model.parameters())
+    n_router = sum(layer.router.weight.numel() for layer in moe_layers(moe.model.llm))
+    # top-1: a token runs one expert per layer, so its active parameters are the dense ones plus the routers
+    print(json.dumps({"bench": "moe_parameters", "dense": n_dense, "moe_total": n_moe,
+                      "moe_active_per_token": n_dense + n_router}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
