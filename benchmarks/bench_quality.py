@@ -1,0 +1,132 @@
+"""Real-data quality of the small pipeline on a CPU budget. Prints JSON lines. Not a CI test.
+
+    python benchmarks/bench_quality.py vqa-rad --data ../shared/data/vqa_rad --steps 300,600 --work runs/q_vqarad
+    python benchmarks/bench_quality.py kvasir --data ../shared/data/kvasir_seg --steps 100,200,600,200 --work runs/q_kvasir
+
+vqa-rad: stages I and II (VQA-RAD has no masks, so no grounding expert and no MoE) on the train
+split; on the test split, side by side: the model with the real image, the same model with a blank
+(black) image, the majority answer, and a question-only baseline (TF-IDF of the question + logistic
+regression over the training answers). Closed accuracy and open exact match after normalisation.
+kvasir: stages I-IV on the train split of `medplib data build --source kvasir` (polyp grounding plus
+the builder's VQA / region questions); mDice over the held-out test split through `generate`.
+Each run reports the CPU minutes it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from medplib.api import MedPLIB
+from medplib.data.loading import load_sample
+from medplib.data.schema import read_jsonl
+from medplib.evaluation.vqa import normalize_medplib
+from medplib.training.loop import train
+from medplib.training.pipeline import default_recipes_dir, run_pipeline, stage_overrides
+from medplib.training.recipe import load_recipe
+
+CPU = ["train.global_batch=8", "train.micro_batch=8", "optim.lr=1e-3", "checkpoint.every=100", "checkpoint.keep_last=1",
+       "log.progress=false"]
+
+
+def _build(source: str, src: Path, out: Path) -> Path:
+    if not (out / "samples.jsonl").is_file():
+        subprocess.run([sys.executable, "-m", "medplib.cli", "data", "build", str(src), "--source", source,
+                        "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
+def _cpu_minutes() -> float:
+    return time.process_time() / 60
+
+
+def blind_baseline(train_qa: list[tuple[str, str]], test_qa: list[tuple[str, str, str]]) -> dict[str, float]:
+    """TF-IDF of the question + logistic regression over the training answers, and the majority answer."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
+    x = vec.fit_transform([q for q, _ in train_qa])
+    y = [normalize_medplib(a) for _, a in train_qa]
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(x, y)
+    pred = clf.predict(vec.transform([q for q, _, _ in test_qa]))
+    majority = Counter(y).most_common(1)[0][0]
+    return {**_score(list(pred), test_qa, "blind_tfidf_logreg"), **_score([majority] * len(test_qa), test_qa, "majority")}
+
+
+def _score(pred: list[str], test_qa: list[tuple[str, str, str]], name: str) -> dict[str, float]:
+    closed = [normalize_medplib(p) == normalize_medplib(a) for p, (_, a, t) in zip(pred, test_qa) if t == "closed"]
+    opened = [normalize_medplib(p) == normalize_medplib(a) for p, (_, a, t) in zip(pred, test_qa) if t == "open"]
+    return {f"{name}_closed_accuracy": round(float(np.mean(closed)), 4),
+            f"{name}_open_exact_match": round(float(np.mean(opened)), 4)}
+
+
+def vqa_rad(src: Path, work: Path, steps: list[int]) -> None:
+    data = _build("vqa-rad", src, work / "data")
+    samples = list(read_jsonl(data / "samples.jsonl"))
+    train_qa = [(s.conversations[0].content.replace("<image>", "").strip(), s.conversations[1].content)
+                for s in samples if s.split == "train"]
+    test = [s for s in samples if s.split == "test"]
+    test_qa = [(s.conversations[0].content.replace("<image>", "").strip(), s.conversations[1].content,
+                s.answer_type or "open") for s in test]
+    print(json.dumps({"bench": "vqa_rad", "n_train": len(train_qa), "n_test": len(test_qa),
+                      **blind_baseline(train_qa, test_qa)}), flush=True)
+
+    start = time.time()
+    for k, stage in enumerate(("stage1_alignment", "stage2_vl_expert")):
+        over = [*stage_overrides(stage, "small", data, work / "run", True), *CPU, f"train.steps={steps[k]}"]
+        recipe = load_recipe(default_recipes_dir() / f"{stage}.yaml", over)
+        if not (Path(recipe.output_dir) / "model" / "model.safetensors").is_file():
+            train(recipe, log=lambda s: print(json.dumps({"log": s}), flush=True))
+    m = MedPLIB.from_pretrained(work / "run" / "stage2" / "model")
+    real, blank = [], []
+    for s in test:
+        loaded = load_sample(s, data)
+        q = s.conversations[0].content.replace("<image>", "").strip()
+        real.append(m.generate(loaded.image, q, max_new_tokens=12).text)
+        blank.append(m.generate(np.zeros_like(loaded.image), q, max_new_tokens=12).text)
+    print(json.dumps({"bench": "vqa_rad", "steps": steps, "wall_minutes": round((time.time() - start) / 60, 1),
+                      "cpu_minutes": round(_cpu_minutes(), 1), **_score(real, test_qa, "model_image"),
+                      **_score(blank, test_qa, "model_blank_image")}), flush=True)
+
+
+def kvasir(src: Path, work: Path, steps: list[int]) -> None:
+    data = _build("kvasir", src, work / "data")
+    start = time.time()
+    run_pipeline("small", data, work / "run", steps=steps, overrides=CPU,
+                 log=lambda s: print(json.dumps({"log": s}), flush=True))
+    m = MedPLIB.from_pretrained(work / "run" / "model")
+    dices = []
+    for s in read_jsonl(data / "samples.jsonl"):
+        if s.split != "test" or s.task != "grounding":
+            continue
+        loaded = load_sample(s, data)
+        gt = loaded.target_masks[0]
+        ans = m.generate(loaded.image, s.conversations[0].content.replace("<image>", "").strip())
+        pred = ans.masks[0] if ans.masks else np.zeros_like(gt)
+        dices.append(2 * float((pred & gt).sum()) / max(1.0, float(pred.sum() + gt.sum())))
+    print(json.dumps({"bench": "kvasir_grounding", "steps": steps, "n_test": len(dices),
+                      "mdice": round(float(np.mean(dices)), 4), "wall_minutes": round((time.time() - start) / 60, 1),
+                      "cpu_minutes": round(_cpu_minutes(), 1)}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=["vqa-rad", "kvasir"])
+    ap.add_argument("--data", type=Path, required=True, help="the raw dataset folder")
+    ap.add_argument("--work", type=Path, required=True, help="folder for the built data and the runs")
+    ap.add_argument("--steps", required=True, help="optimizer steps per stage (2 for vqa-rad, 4 for kvasir)")
+    args = ap.parse_args()
+    steps = [int(x) for x in args.steps.split(",")]
+    (vqa_rad if args.task == "vqa-rad" else kvasir)(args.data, args.work, steps)
+
+
+if __name__ == "__main__":
+    main()
