@@ -1,4 +1,5 @@
-"""A plain single-process training loop over encoded samples (used by the demo and the tests).
+"""A plain single-process training loop over encoded samples, for tests and quick experiments (the
+stage recipes run on `medplib.training.loop`).
 
 AdamW with the published betas (0.9, 0.95), linear warmup then linear decay, gradient clipping
 at 1.0, deterministic batch order for a seed. Only parameters with `requires_grad` train.
