@@ -149,3 +149,16 @@ def test_bfloat16_load_and_generate(kvasir_model, shared_data) -> None:
     ans = m.generate(img, KVASIR_QUESTION)
     assert len(ans.masks) == 1 and ans.masks[0].shape == gt.shape
     assert 2 * (ans.masks[0] & gt).sum() / (ans.masks[0].sum() + gt.sum()) > 0.8
+
+
+def test_second_question_reuses_the_image_prefix_cache(tiny: MedPLIB) -> None:
+    img = _image()
+    feats = tiny.image_features(img)
+    first = tiny.generate(img, "What modality is this?", features=feats, max_new_tokens=8)
+    assert feats[1].prefix_cache is not None
+    cached_len = feats[1].prefix_cache.get_seq_length()
+    second = tiny.generate(img, "What is in <region>?", [PointRegion(point=(30, 30))], features=feats, max_new_tokens=8)
+    assert feats[1].prefix_cache.get_seq_length() == cached_len  # generation never grows the stored prefix
+    fresh = tiny.generate(img, "What is in <region>?", [PointRegion(point=(30, 30))], max_new_tokens=8, use_cache=False)
+    assert second.token_ids == fresh.token_ids
+    assert len(first.token_ids) >= 1

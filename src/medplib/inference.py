@@ -101,8 +101,8 @@ def as_rgb(image: Any) -> np.ndarray:
 
 
 def _nbytes(img: ImageInputs, feats: ImageFeatures) -> int:
-    tensors = [img.vision_pixels, img.pixel_values, feats.vision] + ([feats.pixel] if feats.pixel is not None else [])
-    return sum(t.numel() * t.element_size() for t in tensors)
+    tensors = [img.vision_pixels, img.pixel_values]
+    return sum(t.numel() * t.element_size() for t in tensors) + feats.nbytes()
 
 
 class TextStream:

@@ -8,8 +8,9 @@ with the KV cache and turns every emitted `[SEG]` into a mask at the original im
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,20 @@ class SpecialIds:
 
 @dataclass
 class ImageFeatures:
-    """What an image costs once: vision patch features and (lazily) the pixel-encoder embedding."""
+    """What an image costs once: vision patch features, and lazily the pixel-encoder embedding and
+    the LLM's key/value cache of the prompt prefix (system prompt + image tokens), which every
+    question about the image shares."""
 
     vision: torch.Tensor  # (1, grid*grid, Dv)
     pixel: torch.Tensor | None = None  # (1, C, h, w)
+    prefix_ids: torch.Tensor | None = None  # (P,) the token ids the prefix cache was computed for
+    prefix_cache: Any = None  # a transformers Cache over those P positions
+
+    def nbytes(self) -> int:
+        tensors = [self.vision] + ([self.pixel] if self.pixel is not None else [])
+        if self.prefix_cache is not None:
+            tensors += [t for layer in self.prefix_cache.layers for t in (layer.keys, layer.values)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -216,6 +227,20 @@ class MedPLIBModel(nn.Module):
         return MedPLIBOutput(loss=loss, logits=logits, parts=parts, mask_logits=mask_logits)
 
     # ------------------------------------------------------------------ inference
+    def _prefill(self, decoder: nn.Module, seq: torch.Tensor, ids: torch.Tensor, features: ImageFeatures) -> Any:
+        """Run the prompt through the decoder with a cache, reusing the image's prefix cache.
+
+        The prefix ends after the image tokens (`<im_end>`), before the question, so it is the
+        same for every question about the image: a second question pays only for its own tokens."""
+        n = int(torch.nonzero(ids == self.ids.image)[-1]) + 2
+        if n >= ids.numel():
+            return decoder(inputs_embeds=seq, use_cache=True)
+        if features.prefix_ids is None or not torch.equal(features.prefix_ids, ids[:n]):
+            features.prefix_cache = decoder(inputs_embeds=seq[:, :n], use_cache=True).past_key_values
+            features.prefix_ids = ids[:n].clone()
+        # The stored cache must stay at the prefix: generation appends to a copy.
+        return decoder(inputs_embeds=seq[:, n:], past_key_values=copy.deepcopy(features.prefix_cache), use_cache=True)
+
     @torch.no_grad()
     def generate(
         self,
@@ -247,7 +272,7 @@ class MedPLIBModel(nn.Module):
         decoder, head = self.llm.get_decoder(), self.llm.get_output_embeddings()
         embed_tokens = self.llm.get_input_embeddings()
         seq = self.embed(input_ids, features.vision, [region_masks])
-        out = decoder(inputs_embeds=seq, use_cache=use_cache)
+        out = self._prefill(decoder, seq, input_ids[0], features) if use_cache else decoder(inputs_embeds=seq, use_cache=False)
         tokens: list[int] = []
         seg_hidden: list[torch.Tensor] = []
         for _ in range(max_new):
