@@ -43,7 +43,7 @@ def info(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="folder for the data, the stage runs, the model, overlays and demo.json"),
     preset: str = typer.Option("small", help="model preset to train"),
-    steps: str = typer.Option("80,200,150,150", help="optimizer steps for stages I-IV"),
+    steps: str = typer.Option("40,120,200,160", help="optimizer steps for stages I-IV"),
     n_phantoms: int = typer.Option(72, help="phantom images to build (split into train/val/test)"),
     retrain: bool = typer.Option(False, help="train again even if OUT/run/model exists"),
     seed: int = typer.Option(0),
