@@ -91,7 +91,8 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
     accum = t.global_batch // (t.micro_batch * world)
     try:
         # find_unused_parameters: a batch without [SEG] leaves the mask decoder out of the graph.
-        accelerator = Accelerator(cpu=cpu, mixed_precision="no" if t.mixed_precision == "fp32" else t.mixed_precision, gradient_accumulation_steps=accum,
+        accelerator = Accelerator(cpu=cpu, mixed_precision="no" if t.mixed_precision == "fp32" else t.mixed_precision,
+                                  gradient_accumulation_steps=accum,
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     except ValueError as exc:  # e.g. fp16 without a GPU, or a bad accelerate config file
         raise RecipeError(f"cannot set up accelerate (train.mixed_precision={t.mixed_precision}): {exc}") from None
