@@ -4,7 +4,8 @@ The same code runs on the CPU, one GPU, several processes with DDP (`torchrun` o
 launch`), and DeepSpeed ZeRO-2 from the accelerate config files in `recipes/accelerate/`:
 
     medplib train --recipe recipes/stage2_vl_expert.yaml train.steps=200
-    accelerate launch --config_file recipes/accelerate/cpu_ddp2.yaml -m medplib.cli train --recipe ...
+    torchrun --standalone --nproc_per_node 2 -m medplib.cli train --recipe ...      # gloo DDP on CPUs
+    accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml -m medplib.cli train --recipe ...
 
 A run folder holds `recipe.yaml` (the resolved recipe), `metrics.jsonl` (one line per optimizer
 step), `tb/` (TensorBoard), `checkpoints/step_*` and, at the end, `model/` (LoRA merged into the
