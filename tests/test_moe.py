@@ -167,6 +167,22 @@ def test_gradient_reaches_router() -> None:
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
+def test_straight_through_gate_keeps_expert_scale_and_trains_router() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(1, 1, 4)
+    published, st = scale_moe(capacity_factor_train=4.0).train(), scale_moe(capacity_factor_train=4.0, gate="straight_through").train()
+    st.router.load_state_dict(published.router.state_dict())
+    y_pub, y_st = published(x), st(x)
+    p, e = (x[0, 0] @ published.router.weight.T).softmax(-1).max(-1)
+    torch.testing.assert_close(y_st, (e + 2).float() * x, rtol=0, atol=0)  # gate exactly 1.0 in the forward
+    torch.testing.assert_close(y_pub, p * (e + 2).float() * x)
+    y_pub.sum().backward()
+    y_st.sum().backward()
+    # Backward: d(p / p.detach()) = dp / p, so the router gradient is the published one divided by p.
+    torch.testing.assert_close(st.router.weight.grad, published.router.weight.grad / p)
+    assert st.router.weight.grad.abs().sum() > 0
+
+
 def test_group_statistics_count_non_padding_tokens() -> None:
     torch.manual_seed(4)
     moe = scale_moe(capacity_factor_train=0.5).train()  # drops happen; statistics count router choices
@@ -211,6 +227,10 @@ def test_config_validation() -> None:
         MoEMLP([Scale(1.0)], 4, MoEConfig(num_experts=2))
     with pytest.raises(ConfigError):
         MoEMLP([Scale(1.0), Scale(2.0)], 4, MoEConfig(num_experts=2, top_k=3))
+    with pytest.raises(ConfigError):
+        MoEMLP([Scale(1.0), Scale(2.0)], 4, MoEConfig(num_experts=2, top_k=2, gate="straight_through"))
+    with pytest.raises(ConfigError):
+        MoEMLP([Scale(1.0), Scale(2.0)], 4, MoEConfig(num_experts=2, gate="softmax"))
 
 
 # ---- upcycling transformers LLMs -------------------------------------------------------------

@@ -14,6 +14,7 @@ Routing, per (non-padding) token x of shape (H,):
     probs  = softmax(logits)              (E,)
     top-k experts by probs; gates = their probs (k=1: the raw probability, as published;
     k>1: renormalised to sum to 1, as in Mixtral, so the output keeps the scale of one expert)
+    k=1 with gate="straight_through": gate = p / p.detach(), 1.0 in the forward, dp/p in the backward
     y = sum over kept selections of gate * expert(x)
 
 Capacity: each expert takes at most ceil(capacity_factor * N * k / E) tokens per forward, N = the
@@ -23,6 +24,12 @@ any second choice, and within a choice the flattened (batch, time) order. DeepSp
 (which the published code uses) picks the kept tokens at random and counts padding tokens toward N
 and toward the queues; we exclude padding from both, so the amount of padding in a batch cannot
 change which real tokens are dropped.
+
+Why a straight-through gate: right after upcycling the router is near-random, so every token's top-1
+probability is about 1/E and the published gate scales each MLP output by ~0.5. A model trained for
+500k samples recovers; a short CPU run does not (our small demo lost most of stage III's grounding
+this way). The straight-through gate starts stage IV exactly at the dense experts' outputs and still
+trains the router: d(loss)/d(router) = (d(loss)/dy . expert(x)) * d(log p).
 
 Inference: a dropped token at inference would silently change answers, so in eval mode a forward
 with T == 1 (a KV-cache decoding step) never drops. With `capacity_factor_eval >= E / k` (the
@@ -70,6 +77,8 @@ class MoEMLP(nn.Module):
             raise ConfigError(f"MoEMLP got {len(experts)} experts but moe.num_experts is {cfg.num_experts}")
         if not 1 <= cfg.top_k <= cfg.num_experts:
             raise ConfigError(f"moe.top_k must be in 1..{cfg.num_experts}, got {cfg.top_k}")
+        if cfg.gate not in ("prob", "straight_through") or (cfg.gate == "straight_through" and cfg.top_k != 1):
+            raise ConfigError(f"moe.gate must be 'prob', or 'straight_through' with top_k=1; got {cfg.gate!r}, top_k={cfg.top_k}")
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
@@ -120,6 +129,8 @@ class MoEMLP(nn.Module):
             gates, choice = probs.topk(self.top_k, dim=-1)  # (B*T, k)
             if self.top_k > 1:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
+            elif self.cfg.gate == "straight_through":
+                gates = gates / gates.detach()
         else:
             choice = torch.full((B * T, 1), self.forced_expert, dtype=torch.long, device=x.device)
             gates = torch.ones(B * T, 1, dtype=probs.dtype, device=x.device)

@@ -74,6 +74,7 @@ class UpcycleSection:
     capacity_factor_train: float = 1.5
     capacity_factor_eval: float = 2.0
     aux_loss_coef: float = 0.0
+    gate: Literal["prob", "straight_through"] = "prob"  # see MoEConfig.gate
 
 
 @dataclass
