@@ -28,6 +28,12 @@ def test_build_real_datasets(shared_data: Path, tmp_path: Path, source: str, fol
     assert samples and all(s.source for s in samples)
     checked = runner.invoke(data_app, ["validate", str(tmp_path / "samples.jsonl")])
     assert checked.exit_code == 0 and f"{len(samples)} samples valid" in checked.output
+    if source == "kvasir":  # one caption per image, from its merged polyp mask
+        captions = [s for s in samples if s.task == "caption"]
+        assert len(captions) == len({s.image for s in samples})
+        answers = {c.conversations[1].content for c in captions}
+        assert "An endoscopy image showing the polyp." in answers and "An endoscopy image showing 2 polyps." in answers
+        assert all(a.startswith("An endoscopy image showing ") for a in answers)
     if source == "sa-med2d":
         assert {s.split for s in samples} == {"train", "test"}
         groups = {}
@@ -44,7 +50,7 @@ def test_build_phantoms_is_deterministic_and_stats_json(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
     res = runner.invoke(data_app, ["stats", str(tmp_path / "a" / "samples.jsonl"), "--json"])
     stats = json.loads(res.output)
-    assert stats["images"] == 9 and set(stats["task"]) == {"vqa", "region_vqa", "grounding", "box_grounding"}
+    assert stats["images"] == 9 and set(stats["task"]) == {"vqa", "region_vqa", "grounding", "box_grounding", "caption"}
     assert runner.invoke(data_app, ["validate", str(tmp_path / "a" / "samples.jsonl"), "--check-files"]).exit_code == 0
     only = runner.invoke(data_app, [*args, "--tasks", "grounding", "--out", str(tmp_path / "c")])
     assert only.exit_code == 0 and "task: grounding=" in only.output

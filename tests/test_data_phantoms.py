@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medplib.data.builder import plural
 from medplib.data.phantoms import LABELS, MODALITIES, make_phantom, write_phantom_dataset
 from medplib.data.schema import read_jsonl
 from medplib.errors import InputError
@@ -43,7 +44,11 @@ def test_write_phantom_dataset_builds_valid_samples(tmp_path) -> None:
     path = write_phantom_dataset(tmp_path, n=9, seed=2, size=96)
     samples = list(read_jsonl(path))
     assert {s.modality for s in samples} == set(MODALITIES)
-    assert {s.task for s in samples} == {"vqa", "region_vqa", "grounding", "box_grounding"}
+    assert {s.task for s in samples} == {"vqa", "region_vqa", "grounding", "box_grounding", "caption"}
+    for c in (s for s in samples if s.task == "caption"):  # modality and every structure of that image
+        labels = {t.label for s in samples if s.image == c.image and s.task == "grounding" for t in s.targets}
+        answer = c.conversations[1].content
+        assert answer.startswith(("A ", "An ")) and all(f"the {lab}" in answer or plural(lab) in answer for lab in labels), answer
     for s in samples:
         assert (tmp_path / s.image).is_file()
         for t in s.targets:

@@ -6,7 +6,9 @@ For each image: merge the instances of each label, then write samples for
 - region_vqa: a region (point, box or free-form mask sampled from a structure) -> its label or
   a description, and "is this region the X?" with negatives;
 - grounding: text -> `[SEG]` mask (and "there is no X" for an absent label);
-- box_grounding: text -> boxes in the answer text (Med-GRIT `<box>` on 0..1000 by default).
+- box_grounding: text -> boxes in the answer text (Med-GRIT `<box>` on 0..1000 by default);
+- caption: a one-sentence description (modality and the structures present, largest first): the
+  image-caption pairs of stage I alignment, where the answer can only come from the image.
 Every task has several phrasings. Splits are drawn per group (patient / volume) from a hash, so
 one group never straddles splits, and the whole build is deterministic for a seed.
 """
@@ -28,7 +30,7 @@ from medplib.data.schema import (IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, BoxRegion
                                  Target, Turn)
 from medplib.errors import ConfigError
 
-TASKS = ("vqa", "region_vqa", "grounding", "box_grounding")
+TASKS = ("vqa", "region_vqa", "grounding", "box_grounding", "caption")
 MAX_BOXES_IN_TEXT = 8
 
 MODALITY_NAMES = {
@@ -105,10 +107,16 @@ _A_SEG = ["Sure, it is {s}.", "{s}.", "Here is the {l}: {s}.", "The {l} is {s}."
 _A_SEG_NONE = ["There is no {l} in this image.", "No {l} is visible in this image."]
 _T_BOX = ["Where is the {l}? Answer with a box.", "Give the bounding box of the {l}.", "Locate the {l} in the image.",
           "Find the {l} and give its coordinates."]
+_T_CAPTION = ["Describe this image briefly.", "What does this image show?", "Give a short caption for this image.",
+              "Summarize the image in one sentence."]
 
 
 def with_article(label: str) -> str:
-    return f"{'an' if label[:1].lower() in 'aeiou' else 'a'} {label}"
+    """'an MRI', 'an X-ray', 'a CT', 'an endoscopy', 'a polyp': acronyms go by the sound of their first letter."""
+    head = label.split("-")[0].split(" ")[0]
+    spelled = len(head) > 0 and head.isupper()
+    vowel = head[:1].upper() in "AEFHILMNORSX" if spelled else label[:1].lower() in "aeiou"
+    return f"{'an' if vowel else 'a'} {label}"
 
 
 def plural(label: str) -> str:
@@ -265,6 +273,20 @@ class _Writer:
             targets = [Target(box=b, label=s.label) for b in boxes]
             yield self.sample("box_grounding", self.pick(_T_BOX).format(l=s.label), f"The {s.label} is at {text}.", "open",
                               targets=targets, box_format=self.cfg.box_format)
+
+    def caption(self) -> Iterator[Sample]:
+        name = MODALITY_NAMES.get(self.item.modality or "")
+        if name is None and not self.structures:
+            return
+        what = f"{with_article(name)} image" if name else "An image"
+        what = what[0].upper() + what[1:]
+        if not self.structures:
+            yield self.sample("caption", self.pick(_T_CAPTION), f"{what}.", "open", kind="caption")
+            return
+        parts = [f"{len(s.instances)} {plural(s.label)}" if len(s.instances) > 1 else f"the {s.label}"
+                 for s in sorted(self.structures, key=lambda s: -int(s.mask.sum()))]
+        listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+        yield self.sample("caption", self.pick(_T_CAPTION), f"{what} showing {listed}.", "open", kind="caption")
 
 
 def build_samples(items: Iterable[LabelledImage], root: Path, cfg: BuildConfig | None = None) -> Iterator[Sample]:
