@@ -43,16 +43,16 @@ def info(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="folder for the data, the stage runs, the model, overlays and demo.json"),
     preset: str = typer.Option("small", help="model preset to train"),
-    steps: str = typer.Option("40,120,200,160", help="optimizer steps for stages I-IV"),
+    steps: Optional[str] = typer.Option(None, help="optimizer steps for stages I-IV, e.g. 120,120,240,160 (default: the demo's)"),
     n_phantoms: int = typer.Option(72, help="phantom images to build (split into train/val/test)"),
     retrain: bool = typer.Option(False, help="train again even if OUT/run/model exists"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build phantoms, train stages I-IV, evaluate, answer a VQA, a region and a grounding question, write overlays."""
-    from medplib.demo import run_demo
+    from medplib.demo import DEMO_STEPS, run_demo
 
     try:
-        counts = [int(x) for x in steps.split(",")]
+        counts = list(DEMO_STEPS) if steps is None else [int(x) for x in steps.split(",")]
     except ValueError:
         raise MedplibError(f"--steps must be 4 comma-separated integers, got {steps!r}") from None
     run_demo(out, preset=preset, steps=counts, n_phantoms=n_phantoms, retrain=retrain, seed=seed, log=typer.echo)
