@@ -170,10 +170,6 @@ class MedPLIBConfig:
             raise ConfigError("pixel.image_size must be a multiple of pixel.patch_size")
         if self.moe.num_experts and not 1 <= self.moe.top_k <= self.moe.num_experts:
             raise ConfigError(f"moe.top_k must be in 1..{self.moe.num_experts}")
-        if self.moe.gate not in ("prob", "straight_through"):
-            raise ConfigError(f"moe.gate must be 'prob' or 'straight_through', got {self.moe.gate!r}")
-        if self.moe.gate == "straight_through" and self.moe.top_k != 1:
-            raise ConfigError("moe.gate='straight_through' is for top-1 routing (moe.top_k=1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
