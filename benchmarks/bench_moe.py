@@ -7,6 +7,7 @@ KV cache, greedy.
 
     python benchmarks/bench_moe.py --preset small --tokens 32 --repeats 7
     python benchmarks/bench_moe.py --paper-width --layers 2   # LLM layers of the published width
+    python benchmarks/bench_moe.py --paper-width --layers 32 --device cuda --dtype bf16   # the 7B LLM on a GPU
 
 The small preset's LLM (hidden 384) is so narrow that the router's bookkeeping per layer is a
 visible share of a decoding step; `--paper-width` gives the LLM the published LLaMA-2-7B layer
@@ -30,6 +31,9 @@ from medplib.training.build import upcycle
 from medplib.training.recipe import UpcycleSection
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _never_stop(m: MedPLIB) -> None:
     m.model.ids = dataclasses.replace(m.model.ids, eos=-1)
 
@@ -42,6 +46,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--paper-width", action="store_true", help="LLM layers of the published 7B width")
     ap.add_argument("--layers", type=int, default=2, help="LLM layers with --paper-width")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,7 +60,7 @@ def main() -> None:
     # Expert 1 is a second copy of the same dense MLPs: the cost does not depend on the weights.
     moe = upcycle(MedPLIB.from_preset(args.preset, seed=0, **over), [dense, dense], UpcycleSection())
     for m in (dense, moe):
-        m.model.eval()
+        m.model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
         _never_stop(m)
     image = make_phantom("ct", seed=0, size=256).image
     question = "What imaging modality is this?"
@@ -64,6 +70,8 @@ def main() -> None:
         start = time.perf_counter()
         ans = m.generate(image, question, max_new_tokens=args.tokens,
                          features=feats[id(m)] if cached_features else None)
+        if m.device.type == "cuda":
+            torch.cuda.synchronize()  # the last token's kernels must finish inside the timed span
         elapsed = time.perf_counter() - start
         assert len(ans.token_ids) == args.tokens
         return elapsed
@@ -79,6 +87,7 @@ def main() -> None:
         print(json.dumps({"bench": "moe_generation_latency", "mode": mode, "preset": args.preset,
                           "llm_hidden": dense.model.llm.config.hidden_size,
                           "llm_layers": dense.model.llm.config.num_hidden_layers, "tokens": args.tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                          "device": str(dense.device), "dtype": args.dtype,
                           "dense_s": round(dm, 4), "moe_s": round(em, 4), "ratio": round(em / dm, 3),
                           "dense_ms_per_token": round(1000 * dm / args.tokens, 2),
                           "moe_ms_per_token": round(1000 * em / args.tokens, 2)}), flush=True)

@@ -100,10 +100,11 @@ def vqa_rad(src: Path, work: Path, steps: list[int]) -> None:
                       **_score(blank, test_qa, "model_blank_image")}), flush=True)
 
 
-def kvasir(src: Path, work: Path, steps: list[int]) -> None:
+def kvasir(src: Path, work: Path, steps: list[int], stage4_extra: list[str]) -> None:
     data = _build("kvasir", src, work / "data")
     start = time.time()
-    run_pipeline("small", data, work / "run", steps=steps, overrides=CPU, stage_extra=STAGE4,
+    extra = {"stage4_moe": [*STAGE4["stage4_moe"], *stage4_extra]}
+    run_pipeline("small", data, work / "run", steps=steps, overrides=CPU, stage_extra=extra,
                  log=lambda s: print(json.dumps({"log": s}), flush=True))
     wall = time.time() - start
     test = [s for s in read_jsonl(data / "samples.jsonl") if s.split == "test" and s.task == "grounding"]
@@ -118,7 +119,8 @@ def kvasir(src: Path, work: Path, steps: list[int]) -> None:
             no_mask += not ans.masks
             pred = ans.masks[0] if ans.masks else np.zeros_like(gt)
             dices.append(2 * float((pred & gt).sum()) / max(1.0, float(pred.sum() + gt.sum())))
-        print(json.dumps({"bench": "kvasir_grounding", "model": name, "steps": steps, "n_test": len(dices),
+        print(json.dumps({"bench": "kvasir_grounding", "model": name, "steps": steps, "stage4_extra": extra["stage4_moe"],
+                          "n_test": len(dices),
                           "mdice": round(float(np.mean(dices)), 4), "answers_without_mask": no_mask,
                           "train_wall_minutes": round(wall / 60, 1), "cpu_minutes": round(_cpu_minutes(), 1)}),
               flush=True)
@@ -130,9 +132,13 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="the raw dataset folder")
     ap.add_argument("--work", type=Path, required=True, help="folder for the built data and the runs")
     ap.add_argument("--steps", required=True, help="optimizer steps per stage (2 for vqa-rad, 4 for kvasir)")
+    ap.add_argument("--stage4", nargs="*", default=[], help="kvasir: more stage IV overrides (key=value)")
     args = ap.parse_args()
     steps = [int(x) for x in args.steps.split(",")]
-    (vqa_rad if args.task == "vqa-rad" else kvasir)(args.data, args.work, steps)
+    if args.task == "vqa-rad":
+        vqa_rad(args.data, args.work, steps)
+    else:
+        kvasir(args.data, args.work, steps, args.stage4)
 
 
 if __name__ == "__main__":

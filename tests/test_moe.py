@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -181,6 +182,36 @@ def test_straight_through_gate_keeps_expert_scale_and_trains_router() -> None:
     # Backward: d(p / p.detach()) = dp / p, so the router gradient is the published one divided by p.
     torch.testing.assert_close(st.router.weight.grad, published.router.weight.grad / p)
     assert st.router.weight.grad.abs().sum() > 0
+
+
+def test_route_targets_add_a_cross_entropy_that_trains_the_router() -> None:
+    torch.manual_seed(6)
+    moe = scale_moe(hidden=8, capacity_factor_train=4.0, router_task_coef=0.5).train()
+    x = torch.randn(2, 6, 8)
+    targets = torch.tensor([[-1, -1, 0, 0, 0, 0], [-1, 1, 1, 1, 1, 0]])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 5] = False  # a padding token with a target: ignored
+    moe.set_token_mask(mask)
+    moe.set_route_targets(targets)
+    moe(x)
+    keep = (targets >= 0) & mask
+    logits = x[keep] @ moe.router.weight.T
+    torch.testing.assert_close(moe.aux_loss, 0.5 * F.cross_entropy(logits, targets[keep]))
+
+    opt = torch.optim.SGD(moe.router.parameters(), lr=1.0)
+    for _ in range(100):
+        moe(x)
+        opt.zero_grad()
+        moe.aux_loss.backward()
+        opt.step()
+    assert torch.equal((x[keep] @ moe.router.weight.T).argmax(-1), targets[keep])  # each token goes to its target
+
+    moe.set_route_targets(None)  # inference: no targets, no route loss
+    moe(x)
+    assert moe.aux_loss.item() == 0.0
+    moe.set_route_targets(torch.full((2, 6), 2))
+    with pytest.raises(ValueError, match="out of range"):
+        moe(x)
 
 
 def test_group_statistics_count_non_padding_tokens() -> None:

@@ -17,6 +17,8 @@ from medplib.data.phantoms import write_phantom_dataset
 from medplib.data.schema import read_jsonl
 from medplib.model.moe import force_expert, moe_layers
 from medplib.training.build import build_model
+from medplib.training.data import GROUNDING_EXPERT, VL_EXPERT, route_targets, token_groups
+from medplib.training.loop import train
 from medplib.training.pipeline import default_recipes_dir, run_pipeline
 from medplib.training.recipe import load_recipe
 
@@ -86,3 +88,34 @@ def test_upcycled_model_with_forced_expert_reproduces_the_dense_model(
     with torch.no_grad():
         routed = moe.model(**_batch(moe, jsonl, "vqa")).logits
     assert not torch.equal(routed, want.logits)  # real routing mixes the experts
+
+
+def test_route_targets_skip_the_prefix_and_padding(pipeline_run: tuple[Path, Path]) -> None:
+    jsonl, run = pipeline_run
+    m = MedPLIB.from_pretrained(run / "stage2" / "model")
+    for task, expert in (("grounding", GROUNDING_EXPERT), ("vqa", VL_EXPERT), ("region_vqa", VL_EXPERT)):
+        batch = _batch(m, jsonl, task)
+        targets = route_targets(batch, token_groups(batch), m.model.ids.image)[0]
+        ids = batch["input_ids"][0]
+        first = int(torch.nonzero(ids == m.model.ids.image)[-1]) + 2  # the first token after the image
+        assert (targets[:first] == -1).all(), task
+        assert (targets[first:] == expert).all(), task
+
+
+def test_stage4_runner_supervises_routing_only_when_asked(pipeline_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The runner hands each batch's route targets to the MoE layers: with router_task_coef > 0 the
+    logged auxiliary loss is the routing cross-entropy (> 0), with 0 (published) it stays 0."""
+    jsonl, run = pipeline_run
+    aux = {}
+    for coef in (0.0, 1.0):
+        recipe = load_recipe(default_recipes_dir() / "stage4_moe.yaml", [
+            f"model.path={run / 'stage2' / 'model'}", f"upcycle.experts=[{run / 'stage3' / 'model'},{run / 'stage2' / 'model'}]",
+            f"data.dir={jsonl.parent}", f"output_dir={tmp_path / str(coef)}", f"upcycle.router_task_coef={coef}",
+            "train.steps=2", "train.global_batch=4", "train.micro_batch=4", "train.mixed_precision=fp32",
+            "checkpoint.every=0", "log.progress=false", "log.tensorboard=false"])
+        result = train(recipe, log=lambda s: None)
+        assert result.model.config.moe.router_task_coef == coef
+        aux[coef] = [row["aux"] for row in result.history]
+    assert aux[0.0] == [0.0, 0.0]
+    # 2 MoE layers, each about ln 2 at upcycling (near-uniform router)
+    assert all(0.5 < a < 3.0 for a in aux[1.0]), aux[1.0]

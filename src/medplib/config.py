@@ -124,6 +124,10 @@ class MoEConfig:
     # "straight_through" uses 1.0 in the forward and the probability's gradient in the backward, so
     # upcycled experts keep the scale they were trained at (see model/moe.py).
     gate: str = "prob"
+    # Not published: weight of a cross-entropy that pulls each token of a question and its answer to
+    # its task's expert (grounding -> expert 0, the pixel-grounding expert; other tasks -> expert 1).
+    # 0 = published (the router learns from the task losses alone). See model/moe.py.
+    router_task_coef: float = 0.0
 
 
 @dataclass

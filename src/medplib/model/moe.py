@@ -31,6 +31,15 @@ probability is about 1/E and the published gate scales each MLP output by ~0.5. 
 this way). The straight-through gate starts stage IV exactly at the dense experts' outputs and still
 trains the router: d(loss)/d(router) = (d(loss)/dy . expert(x)) * d(log p).
 
+Why task-supervised routing (`router_task_coef`, not published): a straight-through gate keeps the
+scale, but a near-random router still sends about half of a grounding answer's tokens to the
+vision-language expert, which never learned to emit [SEG]; the published run has 500k samples to
+sort this out, a CPU run has a few hundred steps. With the coefficient set, the training loop gives
+each token of a question and its answer the expert of its task (`set_route_targets`), and
+coef * cross-entropy(router logits, target) joins the auxiliary loss. Only tokens after the image
+are supervised: the system prompt and image tokens come before the question, cannot see it, and so
+cannot know the task. Routing stays a learned function of the hidden state; inference is unchanged.
+
 Inference: a dropped token at inference would silently change answers, so in eval mode a forward
 with T == 1 (a KV-cache decoding step) never drops. With `capacity_factor_eval >= E / k` (the
 published 2.0 with E=2, k=1) a prefill cannot drop either, so cached and uncached generation agree.
@@ -59,13 +68,15 @@ class MoEMLP(nn.Module):
 
     A drop-in replacement for a decoder layer's `mlp`: `forward(x: (B, T, H)) -> (B, T, H)`.
     Optional per-batch inputs are set before the forward and stay until replaced or cleared:
-    `set_token_mask((B, T) bool, True = real token)` and `set_token_groups((B, T) long)`.
+    `set_token_mask((B, T) bool, True = real token)`, `set_token_groups((B, T) long)` and
+    `set_route_targets((B, T) long, -1 = unsupervised)`.
 
     After each forward:
-        aux_loss: scalar tensor, aux_loss_coef * balance + z_loss_coef * z (0 when both coefs are 0)
+        aux_loss: scalar tensor, aux_loss_coef * balance + z_loss_coef * z
+            + router_task_coef * route (0 when all coefs are 0)
         last_counts: (E,) long, router selections per expert over non-padding tokens (before capacity;
             sums to N * k)
-        last_dropped: int, selections dropped by capacity
+        last_dropped: int, selections dropped by capacity (a property: reading it syncs the device)
         group_counts: (num_groups, E) long, selections per token group, accumulated over forwards
             until `reset_stats()` (with activation checkpointing the recompute counts again: collect
             statistics without it)
@@ -88,10 +99,17 @@ class MoEMLP(nn.Module):
         self.forced_expert: int | None = None
         self._token_mask: Tensor | None = None
         self._token_groups: Tensor | None = None
+        self._route_targets: Tensor | None = None
         self.aux_loss: Tensor = torch.zeros(())
         self.last_counts: Tensor = torch.zeros(self.num_experts, dtype=torch.long)
-        self.last_dropped: int = 0
+        self._dropped: Tensor = torch.zeros((), dtype=torch.long)
         self.reset_stats()
+
+    @property
+    def last_dropped(self) -> int:
+        """Selections dropped by capacity in the last forward (kept as a tensor until asked: reading
+        it forces a device sync, which a decoding step must not pay)."""
+        return int(self._dropped)
 
     def set_token_mask(self, mask: Tensor | None) -> None:
         """mask: (B, T), True/1 for real tokens, False/0 for padding; None = every token is real."""
@@ -100,6 +118,10 @@ class MoEMLP(nn.Module):
     def set_token_groups(self, groups: Tensor | None) -> None:
         """groups: (B, T) non-negative small ints (e.g. 0 text/VQA, 1 region, 2 grounding); None = no group statistics."""
         self._token_groups = None if groups is None else groups.long()
+
+    def set_route_targets(self, targets: Tensor | None) -> None:
+        """targets: (B, T) expert index per token, -1 = no target; used when cfg.router_task_coef > 0."""
+        self._route_targets = None if targets is None else targets.long()
 
     def reset_stats(self) -> None:
         """Clear the accumulated per-group counts."""
@@ -136,7 +158,8 @@ class MoEMLP(nn.Module):
             gates = torch.ones(B * T, 1, dtype=probs.dtype, device=x.device)
         k = choice.shape[1]
 
-        selected = F.one_hot(choice, self.num_experts)  # (B*T, k, E)
+        # (B*T, k, E) one-hot, by comparison: F.one_hot checks its input's range, a device sync.
+        selected = (choice.unsqueeze(-1) == torch.arange(self.num_experts, device=x.device)).long()
         if valid is not None:
             selected = selected * valid[:, None, None]
         n_tokens = B * T if valid is None else int(valid.sum())
@@ -150,6 +173,13 @@ class MoEMLP(nn.Module):
             kept = ((queue > 0) & (position < cap)).reshape(k, B * T, self.num_experts).transpose(0, 1)
 
         out = torch.zeros_like(flat)
+        if not self.training and B * T == 1 and k == 1 and valid is None and self.forced_expert is None:
+            # One decoding token: read its expert once (one device sync) and run only that expert.
+            # The general path below would sync once per expert to find its tokens.
+            e = int(choice[0, 0])
+            out = (self.experts[e](x).reshape(1, H) * gates).to(out.dtype)
+            self._record(logits, probs, selected, selected.bool(), valid, n_tokens, B, T)
+            return out.reshape(B, T, H)
         for e, expert in enumerate(self.experts):
             token, slot = kept[:, :, e].nonzero(as_tuple=True)
             if token.numel() == 0:
@@ -184,10 +214,18 @@ class MoEMLP(nn.Module):
         """
         counts = selected.sum(dim=(0, 1))  # (E,)
         self.last_counts = counts.detach()
-        self.last_dropped = int(counts.sum() - kept.sum())
+        self._dropped = (counts.sum() - kept.sum()).detach()
 
         aux = logits.new_zeros(())
         cfg = self.cfg
+        if cfg.router_task_coef and self._route_targets is not None:
+            target = self._per_token(self._route_targets, B, T, logits.device, "route targets")
+            if valid is not None:
+                target = target.masked_fill(~valid, -1)
+            if int(target.max()) >= self.num_experts:
+                raise ValueError(f"MoE route target {int(target.max())} out of range for {self.num_experts} experts")
+            if bool((target >= 0).any()):
+                aux = aux + cfg.router_task_coef * F.cross_entropy(logits, target, ignore_index=-1)
         if n_tokens > 0 and (cfg.aux_loss_coef or cfg.z_loss_coef):
             real_logits, real_probs = (logits, probs) if valid is None else (logits[valid], probs[valid])
             if cfg.aux_loss_coef:

@@ -29,7 +29,7 @@ def upcycle(base: MedPLIB, experts: list[MedPLIB], spec: UpcycleSection) -> MedP
             raise RecipeError(f"upcycle.experts[{i}] has a different tokenizer than the base model")
     moe = MoEConfig(num_experts=len(experts), top_k=spec.top_k, capacity_factor_train=spec.capacity_factor_train,
                     capacity_factor_eval=spec.capacity_factor_eval, aux_loss_coef=spec.aux_loss_coef,
-                    gate=spec.gate)
+                    gate=spec.gate, router_task_coef=spec.router_task_coef)
     replace_mlps_with_moe(base.model.llm, moe, expert_sources=[e.model.llm for e in experts])
     base.config.moe = moe  # the model reads its MoE settings from this (shared) config object
     for part in PIXEL_PARTS:

@@ -10,6 +10,12 @@
 A checkpoint folder is written under a temporary name and renamed when complete, so a run killed
 at any moment leaves either the whole checkpoint or none. The .pt files are read with
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+
+Under DeepSpeed and FSDP the parameters and optimizer state are sharded over the processes, so the
+engine writes them: `accelerator.save_state` (each process its shards, the RNG states, the
+scheduler), plus the same `state.json`, with `"engine": true`. Those files are the engine's own
+format, which DeepSpeed reads with pickle: they are resumed only from the run's own output folder,
+never loaded as published weights (the final `model/` folder is safetensors in every case).
 """
 
 from __future__ import annotations
@@ -90,14 +96,56 @@ def save_checkpoint(
     return final
 
 
+def save_engine_checkpoint(run: Path, step: int, accelerator: Any, *, world: int, keep_last: int) -> Path:
+    """DeepSpeed / FSDP: every process calls this; the engine writes the shards, process 0 the rest."""
+    final = checkpoint_dir(run, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, "engine": True}) + "\n",
+                                        encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(p for p in final.parent.iterdir() if _NAME.match(p.name))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_engine_checkpoint(folder: Path, accelerator: Any, *, world: int) -> int:
+    """Restore what `save_engine_checkpoint` wrote; returns the step to continue from."""
+    state = _read_state(folder, world)
+    if not state.get("engine"):
+        raise CheckpointError(f"{folder} was written without DeepSpeed/FSDP; resume it with the same launch setup")
+    try:
+        accelerator.load_state(str(folder))
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume from {folder}: {exc}") from None
+    return int(state["step"])
+
+
+def _read_state(folder: Path, world: int) -> dict[str, Any]:
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot resume from {folder}: {exc}") from None
+    if state.get("world") != world:
+        raise CheckpointError(f"{folder} was written by {state.get('world')} processes, this run has {world}; "
+                              "exact resume needs the same number")
+    return state
+
+
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
                     rank: int, world: int) -> int:
     """Restore everything saved by `save_checkpoint`; returns the step to continue from."""
+    state = _read_state(folder, world)
+    if state.get("engine"):
+        raise CheckpointError(f"{folder} was written by DeepSpeed/FSDP; resume it with the same launch setup")
     try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        if state["world"] != world:
-            raise CheckpointError(f"{folder} was written by {state['world']} processes, this run has {world}; "
-                                  "exact resume needs the same number")
         missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{folder}: weights do not match the model (missing {missing[:3]}, "
@@ -105,6 +153,6 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(folder / f"rng_rank{rank}.pt", weights_only=True))
-    except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot resume from {folder}: {exc}") from None
     return int(state["step"])

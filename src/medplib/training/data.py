@@ -102,3 +102,21 @@ def token_groups(batch: dict[str, Any]) -> torch.Tensor:
     (has target masks), 1 = region VQA (has regions), 0 = VQA and other text answers."""
     g = [2 if t else 1 if r else 0 for t, r in zip(batch["target_masks"], batch["region_masks"])]
     return torch.tensor(g, dtype=torch.long)[:, None].expand_as(batch["input_ids"]).contiguous()
+
+
+# Stage IV experts (the upcycling order of recipes/stage4_moe.yaml): expert 0 copies stage III's MLPs.
+GROUNDING_EXPERT, VL_EXPERT = 0, 1
+
+
+def route_targets(batch: dict[str, Any], groups: torch.Tensor, image_id: int) -> torch.Tensor:
+    """(B, T) expert per token for task-supervised routing (MoEConfig.router_task_coef): tokens of a
+    grounding sample -> GROUNDING_EXPERT, of any other task -> VL_EXPERT; -1 (no target) for padding
+    and for everything up to the image's closing token, which comes before the question and so
+    cannot know the task. groups: (B, T) from `token_groups`."""
+    ids = batch["input_ids"]
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    last_image = torch.where(ids == image_id, pos, -1).max(dim=1).values  # (B,), -1 = no image
+    start = torch.where(last_image >= 0, last_image + 2, 0)  # +2 skips the image's closing token
+    target = torch.where(groups.to(ids.device) == GROUP_NAMES.index("grounding"), GROUNDING_EXPERT, VL_EXPERT)
+    target = target.masked_fill(pos[None, :] < start[:, None], -1)
+    return target.masked_fill(~batch["attention_mask"].bool(), -1)

@@ -19,9 +19,10 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -30,8 +31,10 @@ from torch.utils.data import DataLoader
 from medplib.api import MedPLIB
 from medplib.model.moe import moe_layers
 from medplib.training.build import build_model
-from medplib.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from medplib.training.data import GROUP_NAMES, EncodeCollate, StreamSampler, build_dataset, token_groups
+from medplib.training.checkpoint import (latest_checkpoint, load_checkpoint, load_engine_checkpoint, save_checkpoint,
+                                         save_engine_checkpoint)
+from medplib.training.data import (GROUP_NAMES, EncodeCollate, StreamSampler, build_dataset, route_targets,
+                                   token_groups)
 from medplib.training.fit import warmup_linear
 from medplib.training.recipe import Recipe, RecipeError
 from medplib.training.trainable import merge_lora
@@ -69,8 +72,27 @@ def _routing_shares(layers: list[Any], reduce: Callable[[torch.Tensor], torch.Te
 @dataclass
 class TrainResult:
     folder: Path  # <output_dir>/model
-    model: MedPLIB  # the trained model, LoRA merged (on every process)
+    model: MedPLIB  # the trained model, LoRA merged (on every process; under DeepSpeed / FSDP on the main one)
     history: list[dict[str, Any]]  # this run's metrics rows (steps after a resume point only)
+
+
+@contextmanager
+def _full_parameters(accelerator: Any) -> Iterator[None]:
+    """Build models with whole parameters under DeepSpeed ZeRO-3 too. With a ZeRO-3 config active,
+    transformers constructs every model inside `deepspeed.zero.Init`, whose parameters are empty
+    shards, so a stage's weights cannot be loaded into them; `accelerator.prepare` partitions the
+    whole model instead."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or getattr(plugin, "dschf", None) is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
 
 
 def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
@@ -97,15 +119,14 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     except ValueError as exc:  # e.g. fp16 without a GPU, or a bad accelerate config file
         raise RecipeError(f"cannot set up accelerate (train.mixed_precision={t.mixed_precision}): {exc}") from None
+    # Sharded engines write their own checkpoints (see training/checkpoint.py).
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    if sharded and ck.every:
-        raise RecipeError("periodic checkpoints with exact resume are implemented for CPU, one device and DDP; "
-                          "under DeepSpeed or FSDP set checkpoint.every=0 (the final model is still written)")
     rank, main = accelerator.process_index, accelerator.is_main_process
     barrier = accelerator.wait_for_everyone
 
     # 2. Model: preset or earlier stage, upcycling, LoRA, trainable groups, loss weights.
-    m = build_model(recipe)
+    with _full_parameters(accelerator):
+        m = build_model(recipe)
     if t.gradient_checkpointing:
         m.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_train = sum(p.numel() for p in m.model.parameters() if p.requires_grad)
@@ -126,11 +147,14 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
         ds.update(train_micro_batch_size_per_gpu=t.micro_batch, gradient_accumulation_steps=accum,
                   gradient_clipping=o.grad_clip)
     model, opt = accelerator.prepare(m.model, opt)  # the scheduler is stepped by hand, once per optimizer step
+    accelerator.register_for_checkpointing(sched)  # saved with the engine's state under DeepSpeed / FSDP
 
     # 5. Resume from the newest complete checkpoint: weights, optimizer, schedule, RNG, data position.
     start = 0
     found = latest_checkpoint(run) if ck.resume else None
-    if found is not None:
+    if found is not None and sharded:
+        start = load_engine_checkpoint(found, accelerator, world=world)
+    elif found is not None:
         start = load_checkpoint(found, accelerator.unwrap_model(model), opt, sched, rank=rank, world=world)
     metrics_path = run / "metrics.jsonl"
     if main:
@@ -175,8 +199,12 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
                     accelerator.backward(loss)
                 else:
                     batch = _to_device(batch, accelerator.device)
-                    for layer in moe:
-                        layer.set_token_groups(token_groups(batch).to(accelerator.device))
+                    if moe:
+                        groups = token_groups(batch).to(accelerator.device)
+                        targets = route_targets(batch, groups, m.model.ids.image)
+                        for layer in moe:
+                            layer.set_token_groups(groups)
+                            layer.set_route_targets(targets)
                     out = model(**batch)
                     accelerator.backward(out.loss)
                     sums += torch.tensor([float(out.loss.detach())] + [float(out.parts[k].detach()) for k in PARTS[1:]])
@@ -205,20 +233,28 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
                         writer.add_scalar(f"routing/{g}/expert{e}", share, step + 1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ce", "dice", "bce")}, refresh=False)
             bar.update(1)
-        if ck.every and (step + 1) % ck.every == 0 and step + 1 < steps:
+        if ck.every and (step + 1) % ck.every == 0 and step + 1 < steps and sharded:
+            save_engine_checkpoint(run, step + 1, accelerator, world=world, keep_last=ck.keep_last)
+        elif ck.every and (step + 1) % ck.every == 0 and step + 1 < steps:
             save_checkpoint(run, step + 1, accelerator.unwrap_model(model), opt, sched, rank=rank, world=world,
                             barrier=barrier, keep_last=ck.keep_last)
     bar.close()
     for layer in moe:
         layer.set_token_groups(None)
+        layer.set_route_targets(None)
         layer.reset_stats()
 
     # 7. The stage's model: LoRA merged into the base weights, a folder that inference loads.
     barrier()
     folder = run / MODEL_DIR
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        for p in m.model.parameters():  # ZeRO-2 keeps parameters as views of one flat buffer: give each its own
-            p.data = p.data.clone()
+    if sharded:
+        # The engine holds the parameters in shards or flat buffers: gather a full state dict (ZeRO-3 and
+        # FSDP to the main process) and load it into a freshly built model of the same structure.
+        state = accelerator.get_state_dict(model)
+        if main:
+            with _full_parameters(accelerator):
+                m = build_model(recipe)
+            m.model.load_state_dict(state)
     merge_lora(m.model)
     m.model.eval()
     if main:

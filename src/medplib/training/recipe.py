@@ -75,6 +75,7 @@ class UpcycleSection:
     capacity_factor_eval: float = 2.0
     aux_loss_coef: float = 0.0
     gate: Literal["prob", "straight_through"] = "prob"  # see MoEConfig.gate
+    router_task_coef: float = 0.0  # see MoEConfig.router_task_coef; 0 = published
 
 
 @dataclass
