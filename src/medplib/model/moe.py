@@ -147,6 +147,8 @@ class MoEMLP(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(flat.float(), self.router.weight.float())  # (B*T, E)
         probs = logits.softmax(dim=-1)
+        if not self.training and B * T == 1 and self.top_k == 1 and valid is None and self.forced_expert is None:
+            return self._decode_step(x, probs)
         if self.forced_expert is None:
             gates, choice = probs.topk(self.top_k, dim=-1)  # (B*T, k)
             if self.top_k > 1:
@@ -173,13 +175,6 @@ class MoEMLP(nn.Module):
             kept = ((queue > 0) & (position < cap)).reshape(k, B * T, self.num_experts).transpose(0, 1)
 
         out = torch.zeros_like(flat)
-        if not self.training and B * T == 1 and k == 1 and valid is None and self.forced_expert is None:
-            # One decoding token: read its expert once (one device sync) and run only that expert.
-            # The general path below would sync once per expert to find its tokens.
-            e = int(choice[0, 0])
-            out = (self.experts[e](x).reshape(1, H) * gates).to(out.dtype)
-            self._record(logits, probs, selected, selected.bool(), valid, n_tokens, B, T)
-            return out.reshape(B, T, H)
         for e, expert in enumerate(self.experts):
             token, slot = kept[:, :, e].nonzero(as_tuple=True)
             if token.numel() == 0:
@@ -195,6 +190,23 @@ class MoEMLP(nn.Module):
 
         self._record(logits, probs, selected, kept, valid, n_tokens, B, T)
         return out.reshape(B, T, H)
+
+    def _decode_step(self, x: Tensor, probs: Tensor) -> Tensor:
+        """One decoding token (eval, top-1): x (1, 1, H), probs (1, E) -> (1, 1, H).
+
+        Decoding one token at a time is bound by per-operation overhead, not arithmetic, so this path
+        does only what the answer needs: read the chosen expert (one device sync), run it alone, and
+        scale by the gate (the probability for gate="prob", 1.0 for the straight-through gate). No
+        capacity (never drops at T == 1), no auxiliary loss, no statistics beyond `last_counts`."""
+        p, choice = probs.max(dim=-1)
+        e = int(choice)
+        y = self.experts[e](x)
+        if self.cfg.gate == "prob":
+            y = (y * p).to(y.dtype)  # fp32 gate, as in the general path, so cached and uncached decoding agree
+        counts = torch.zeros(self.num_experts, dtype=torch.long)
+        counts[e] = 1
+        self.last_counts, self._dropped, self.aux_loss = counts, torch.zeros((), dtype=torch.long), torch.zeros(())
+        return y
 
     def _per_token(self, value: Tensor | None, B: int, T: int, device: torch.device, name: str) -> Tensor | None:
         if value is None:
