@@ -353,3 +353,19 @@ def test_moe_from_dense_keeps_dtype_and_order() -> None:
     moe = moe_from_dense(mlps, 4, MoEConfig(num_experts=2))
     assert moe.router.weight.dtype == torch.float64
     assert torch.equal(moe.experts[1].weight, mlps[1].weight) and moe.experts[1] is not mlps[1]
+
+
+@pytest.mark.parametrize("gate", ["prob", "straight_through"])
+def test_decoding_step_path_equals_the_general_path(gate: str) -> None:
+    """A single eval token takes the lean decoding path; the same token inside a 2-token batch takes
+    the general path (gather, capacity, statistics): outputs and counts must agree."""
+    torch.manual_seed(7)
+    moe = scale_moe(hidden=6, capacity_factor_eval=2.0, gate=gate).eval()
+    with torch.no_grad():
+        moe.router.weight.normal_()
+    x = torch.randn(1, 1, 6)
+    one = moe(x)
+    counts = moe.last_counts.clone()
+    two = moe(torch.cat([x, x], dim=1))
+    torch.testing.assert_close(one[0, 0], two[0, 0], rtol=0, atol=0)
+    assert (2 * counts).tolist() == moe.last_counts.tolist() and moe.last_dropped == 0
