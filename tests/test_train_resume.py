@@ -29,11 +29,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _cmd(data: Path, model: Path, out: Path) -> list[str]:
-    # Stage II: LoRA with dropout (so the RNG state matters), accumulation of 2 micro-batches.
+    # Stage II: LoRA with dropout (so the RNG state matters), accumulation of 2 micro-batches, and
+    # random flips (drawn per stream position, so the resumed run must see the same ones).
     return [sys.executable, "-m", "medplib.cli", "train", "--recipe", str(REPO / "recipes" / "stage2_vl_expert.yaml"),
             f"model.path={model}", f"data.dir={data}", f"output_dir={out}", f"train.steps={STEPS}",
             "train.global_batch=4", "train.micro_batch=2", "train.mixed_precision=fp32", "lora.r=4",
-            "lora.dropout=0.1", "optim.lr=1e-3", "checkpoint.every=3", "checkpoint.keep_last=2", "log.progress=false",
+            "lora.dropout=0.1", "data.augment=[hflip,vflip,transpose]", "optim.lr=1e-3", "checkpoint.every=3", "checkpoint.keep_last=2", "log.progress=false",
             "log.tensorboard=false"]
 
 

@@ -33,8 +33,8 @@ from medplib.model.moe import moe_layers
 from medplib.training.build import build_model
 from medplib.training.checkpoint import (latest_checkpoint, load_checkpoint, load_engine_checkpoint, save_checkpoint,
                                          save_engine_checkpoint)
-from medplib.training.data import (GROUP_NAMES, EncodeCollate, StreamSampler, build_dataset, route_targets,
-                                   token_groups)
+from medplib.training.data import (GROUP_NAMES, EncodeCollate, StreamSampler, StreamView, build_dataset,
+                                   route_targets, token_groups)
 from medplib.training.fit import warmup_linear
 from medplib.training.recipe import Recipe, RecipeError
 from medplib.training.trainable import merge_lora
@@ -168,9 +168,11 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
             f"{steps} steps of {t.global_batch} ({world} process(es) x {t.micro_batch} x {accum} accumulation, "
             f"{accelerator.distributed_type.value}, {t.mixed_precision})"
             + (f"; resuming at step {start} from {found}" if found is not None else ""))
+    augmented = bool(recipe.data.augment)
     sampler = StreamSampler(len(dataset), global_batch=t.global_batch, micro_batch=t.micro_batch, rank=rank,  # type: ignore[arg-type]
-                            world=world, start_step=start, total_steps=steps, seed=t.seed)
-    loader = DataLoader(dataset, batch_size=t.micro_batch, sampler=sampler, num_workers=recipe.data.num_workers,
+                            world=world, start_step=start, total_steps=steps, seed=t.seed, positions=augmented)
+    source = StreamView(dataset, recipe.data.augment, t.seed) if augmented else dataset
+    loader = DataLoader(source, batch_size=t.micro_batch, sampler=sampler, num_workers=recipe.data.num_workers,
                         collate_fn=EncodeCollate(m.processor),
                         generator=torch.Generator().manual_seed(t.seed))  # own RNG: iter() must not draw from the restored one
 
