@@ -69,7 +69,7 @@ class MedPLIB:
         cfg = self.config.to_dict()
         # Weights now live in this folder: drop the paths to the parts they came from.
         cfg["vision"]["pretrained"] = cfg["llm"]["pretrained"] = cfg["pixel"]["checkpoint"] = None
-        cfg["tokenizer"]["path"] = None
+        cfg["tokenizer"]["path"] = cfg["tokenizer"]["corpus"] = None  # the trained tokenizer is saved below
         cfg["llm"]["hf"] = {k: v for k, v in self.model.llm.config.to_diff_dict().items()
                             if k not in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype")}
         cfg["vision"]["hf"] = {k: v for k, v in self.model.vision.model.config.to_diff_dict().items()

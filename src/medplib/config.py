@@ -145,6 +145,9 @@ class LossConfig:
 class TokenizerConfig:
     path: str | None = None  # the LLM's own tokenizer folder (paper); None = medplib's trained BPE
     vocab_size: int = 2048  # for the trained BPE
+    # A data folder whose training texts join the trained BPE's corpus, so that words of that data
+    # are tokens (a from-scratch LLM then need not learn spelling first). None = built-in corpus only.
+    corpus: str | None = None
     model_max_length: int = 2048
 
 

@@ -4,7 +4,8 @@ The BPE is trained on a corpus this module generates from medical vocabulary and
 phrasings medplib uses, so the project ships no third-party text. Byte-level BPE has no unknown
 token: any answer text (VQA-RAD, reports) still encodes. Training is deterministic and takes
 well under a second; the result is saved with every model folder, so a saved model never
-depends on retraining.
+depends on retraining. With `TokenizerConfig.corpus` (a data folder), the training split's texts
+join the corpus, so that the vocabulary of that data becomes whole tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from medplib.config import VICUNA_SYSTEM, TokenizerConfig
-from medplib.errors import CheckpointError
+from medplib.errors import CheckpointError, ConfigError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 IMAGE, IM_START, IM_END = "<image>", "<im_start>", "<im_end>"
@@ -68,8 +69,28 @@ def _corpus() -> list[str]:
     return lines
 
 
+def data_texts(folder: str | Path) -> list[str]:
+    """The conversation texts of the train split of every JSONL file in a data folder, special tokens removed."""
+    from medplib.data.schema import read_jsonl
+
+    files = sorted(Path(folder).glob("*.jsonl"))
+    if not files:
+        raise ConfigError(f"tokenizer.corpus: no .jsonl file in {folder}")
+    lines = []
+    for f in files:
+        for s in read_jsonl(f):
+            if s.split == "train":
+                for turn in s.conversations:
+                    text = turn.content
+                    for special in EXTRA_SPECIAL:
+                        text = text.replace(special, " ")
+                    lines.append(" ".join(text.split()))
+    return lines
+
+
 def train_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Train the byte-level BPE for the tiny/small presets; special tokens are single ids."""
+    """Train the byte-level BPE for the tiny/small presets (on the built-in corpus, plus the texts of
+    `cfg.corpus` when set); special tokens are single ids."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -79,7 +100,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() + (data_texts(cfg.corpus) if cfg.corpus else []), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         extra_special_tokens=list(EXTRA_SPECIAL), model_max_length=cfg.model_max_length,
