@@ -1,15 +1,19 @@
-"""Stages I-IV on the tiny preset through `run_pipeline`, and stage IV upcycling at the MedPLIB
+"""Stages I-IV on the tiny preset through `medplib pipeline`, and stage IV upcycling at the MedPLIB
 level: with the router forced to expert e, the upcycled model reproduces dense model e exactly
 (expert 0 = stage III, the pixel-grounding expert; expert 1 = stage II)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from medplib.api import MedPLIB
 from medplib.data.loading import load_sample
@@ -19,8 +23,8 @@ from medplib.model.moe import force_expert, moe_layers
 from medplib.training.build import build_model
 from medplib.training.data import GROUNDING_EXPERT, VL_EXPERT, route_targets, token_groups
 from medplib.training.loop import train
-from medplib.training.pipeline import default_recipes_dir, run_pipeline
-from medplib.training.recipe import load_recipe
+from medplib.training.pipeline import default_recipes_dir, parse_stage_overrides
+from medplib.training.recipe import RecipeError, load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +33,27 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     jsonl = write_phantom_dataset(root / "data", 8, seed=0, size=64)
     common = ["train.global_batch=2", "train.micro_batch=2", "log.progress=false", "log.every=1",
               "log.tensorboard=false", "checkpoint.every=0"]
-    run_pipeline("tiny", jsonl.parent, root / "run", steps=[2, 2, 2, 2], overrides=common, log=lambda s: None)
+    # Through the real command line, with one-stage overrides: flips in stage III, and a tokenizer
+    # fitted to the data when stage I builds the model.
+    subprocess.run([sys.executable, "-m", "medplib.cli", "pipeline", "--preset", "tiny", "--data", str(jsonl.parent),
+                    "--out", str(root / "run"), "--steps", "2,2,2,2", "--stage", "3:data.augment=[hflip,vflip]",
+                    "--stage", f"1:model.overrides.tokenizer.corpus={jsonl.parent}", *common],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return jsonl, root / "run"
+
+
+def test_one_stage_overrides_reach_only_their_stage(pipeline_run: tuple[Path, Path]) -> None:
+    jsonl, run = pipeline_run
+    augment = {k: yaml.safe_load((run / f"stage{k}" / "recipe.yaml").read_text())["data"]["augment"] for k in range(1, 5)}
+    assert augment == {1: [], 2: [], 3: ["hflip", "vflip"], 4: []}
+    fitted = MedPLIB.from_pretrained(run / "model").tokenizer
+    plain = MedPLIB.from_preset("tiny").tokenizer
+    text = " ".join(t.content for s in read_jsonl(jsonl) for t in s.conversations if s.split == "train")
+    assert len(fitted(text)["input_ids"]) < len(plain(text)["input_ids"])
+    with pytest.raises(RecipeError, match="expected N:key=value"):
+        parse_stage_overrides(["5:train.steps=1"])
+    with pytest.raises(RecipeError, match="expected N:key=value"):
+        parse_stage_overrides(["data.augment=[hflip]"])
 
 
 def _batch(m: MedPLIB, jsonl: Path, task: str) -> dict:

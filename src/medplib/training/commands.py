@@ -26,17 +26,20 @@ def pipeline_command(
     preset: str = typer.Option("small", help="model preset that stage I starts from"),
     steps: Optional[str] = typer.Option(None, help="optimizer steps per stage, e.g. 100,100,60,60 (default: epochs)"),
     recipes: Optional[Path] = typer.Option(None, help="folder with the stage recipes (default: the source tree's)"),
+    stage: Optional[List[str]] = typer.Option(None, "--stage", help="an override for one stage, N:key=value "
+                                              "(repeatable), e.g. --stage 3:data.augment=[hflip,vflip]"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides for every stage"),
 ) -> None:
     """Run stages I to IV; OUT/model is the trained MoE model that inference loads."""
     from medplib.training.loop import end_processes
-    from medplib.training.pipeline import run_pipeline
+    from medplib.training.pipeline import parse_stage_overrides, run_pipeline
 
     try:
         counts = [int(s) for s in steps.split(",")] if steps else None
     except ValueError:
         raise MedplibError(f"--steps must be comma-separated integers, got {steps!r}") from None
     try:
-        run_pipeline(preset, data, out, steps=counts, overrides=list(overrides or []), recipes=recipes, log=typer.echo)
+        run_pipeline(preset, data, out, steps=counts, overrides=list(overrides or []),
+                     stage_extra=parse_stage_overrides(stage or []), recipes=recipes, log=typer.echo)
     finally:
         end_processes()

@@ -37,6 +37,18 @@ def default_recipes_dir() -> Path:
     return Path(medplib.__file__).resolve().parents[2] / "recipes"
 
 
+def parse_stage_overrides(items: Sequence[str]) -> dict[str, list[str]]:
+    """`["3:data.augment=[hflip]", ...]` (stage number 1-4, a colon, key=value) -> {stage name: overrides}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        num, sep, override = item.partition(":")
+        if not sep or not num.strip().isdigit() or not 1 <= int(num) <= len(STAGES) or "=" not in override:
+            raise RecipeError(f"bad stage override '{item}': expected N:key=value with N in 1..{len(STAGES)}, "
+                              "e.g. 3:data.augment=[hflip,vflip]")
+        out.setdefault(STAGES[int(num) - 1], []).append(override)
+    return out
+
+
 def stage_overrides(stage: str, preset: str, data: Path, run: Path, scratch: bool) -> list[str]:
     """The overrides that place one stage of a pipeline run."""
     d = lambda i: str(run / f"stage{i}" / MODEL_DIR)  # noqa: E731
