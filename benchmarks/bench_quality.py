@@ -29,7 +29,9 @@ import numpy as np
 
 from medplib.api import MedPLIB
 from medplib.data.loading import load_sample
+from medplib.demo import DEMO_STAGE_EXTRA
 from medplib.data.schema import read_jsonl
+from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.vqa import normalize_medplib
 from medplib.training.loop import train
 from medplib.training.pipeline import STAGES, default_recipes_dir, run_pipeline, stage_overrides
@@ -37,9 +39,8 @@ from medplib.training.recipe import load_recipe
 
 CPU = ["train.global_batch=8", "train.micro_batch=8", "optim.lr=1e-3", "checkpoint.every=100", "checkpoint.keep_last=1",
        "log.progress=false"]
-# Stage IV on a CPU budget, as in `medplib demo`: the straight-through gate keeps the upcycled experts
-# at full scale, and stage III's mask-loss weights stay (see docs/TRAINING.md).
-STAGE4 = {"stage4_moe": ["upcycle.gate=straight_through", "loss.dice=5.0", "loss.bce=1.0", "loss.focal=1.0"]}
+# Stage IV on a CPU budget uses `medplib demo`'s settings (DEMO_STAGE_EXTRA): the straight-through
+# gate keeps the upcycled experts at full scale, and stage III's mask-loss weights stay (docs/TRAINING.md).
 
 
 def _build(source: str, src: Path, out: Path) -> Path:
@@ -126,14 +127,14 @@ def _kvasir_mdice(folder: Path, data: Path, test: list, device: str) -> tuple[fl
         ans = m.generate(loaded.image, s.conversations[0].content.replace("<image>", "").strip())
         no_mask += not ans.masks
         pred = ans.masks[0] if ans.masks else np.zeros_like(gt)
-        dices.append(2 * float((pred & gt).sum()) / max(1.0, float(pred.sum() + gt.sum())))
+        dices.append(float(mask_overlap(pred[None], gt[None]).dice[0]))
     return float(np.mean(dices)), no_mask
 
 
 def kvasir(src: Path, work: Path, steps: list[int], extra: dict[str, list[str]], device: str) -> None:
     data = _build("kvasir", src, work / "data")
     test = [s for s in read_jsonl(data / "samples.jsonl") if s.split == "test" and s.task == "grounding"]
-    extra = {**extra, "stage4_moe": [*STAGE4["stage4_moe"], *extra.get("stage4_moe", [])]}
+    extra = {**extra, "stage4_moe": [*DEMO_STAGE_EXTRA["stage4_moe"], *extra.get("stage4_moe", [])]}
     start = time.time()
     train_wall = lambda: round((time.time() - start - _EVAL["wall"]) / 60, 1)  # noqa: E731
     # Stages I-III first, so that the dense grounding expert is measured before stage IV starts.

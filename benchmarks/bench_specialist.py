@@ -28,6 +28,7 @@ from torch import nn
 from medplib.data.augment import augment
 from medplib.data.loading import load_sample
 from medplib.data.schema import read_jsonl
+from medplib.evaluation.masks import mask_overlap
 
 
 
@@ -88,8 +89,7 @@ def _mdice(model: nn.Module, test: list, data: Path, size: int) -> float:
         x, _ = _tensors([loaded.image], [gt], size)
         logits = model(x)
         pred = F.interpolate(logits, size=gt.shape, mode="bilinear", align_corners=False)[0, 0] > 0
-        pred = pred.numpy()
-        dices.append(2 * float((pred & gt).sum()) / max(1.0, float(pred.sum() + gt.sum())))
+        dices.append(float(mask_overlap(pred[None], gt[None]).dice[0]))
     model.train()
     return float(np.mean(dices))
 

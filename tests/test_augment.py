@@ -78,29 +78,16 @@ def test_text_naming_a_side_or_holding_coordinates_is_not_flipped(shared_data: P
         assert not np.array_equal(out.image, side.image[:, ::-1]) or np.array_equal(side.image, side.image[:, ::-1])
 
 
-class _Items:
-    """A dataset of one real sample repeated (StreamView only needs len and getitem)."""
-
-    def __init__(self, loaded: LoadedSample, n: int) -> None:
-        self.loaded, self.n = loaded, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> LoadedSample:
-        return self.loaded
-
-
 def test_augmented_stream_is_a_function_of_the_position(shared_data: Path, tmp_path: Path) -> None:
     s = _kvasir_sample(shared_data, tmp_path, "What is this?", "The polyp is [SEG].")
-    a = StreamView(_Items(s, 5), list(AXES), seed=3)
-    b = StreamView(_Items(s, 5), list(AXES), seed=3)
+    a = StreamView([s] * 5, 3, list(AXES))
+    b = StreamView([s] * 5, 3, list(AXES))
     forward = [a[p].image for p in range(16)]
     backward = [b[p].image for p in reversed(range(16))][::-1]  # another order, another instance
     assert all(np.array_equal(x, y) for x, y in zip(forward, backward))
     variants = {x.tobytes() for x in forward}
     assert 3 <= len(variants) <= 8  # several of the 8 square symmetries, drawn per position
-    other = StreamView(_Items(s, 5), list(AXES), seed=4)
+    other = StreamView([s] * 5, 4, list(AXES))
     assert any(not np.array_equal(other[p].image, forward[p]) for p in range(16))
 
 

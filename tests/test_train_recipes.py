@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medplib.api import MedPLIB
-from medplib.training.data import StreamSampler
+from medplib.training.data import Stream, StreamSampler
 from medplib.training.pipeline import STAGES, default_recipes_dir
 from medplib.training.recipe import RecipeError, load_recipe
 from medplib.training.trainable import add_lora, merge_lora, set_trainable
@@ -93,17 +93,19 @@ def test_trainable_groups_and_lora_merge_is_exact() -> None:
 
 
 def test_stream_sampler_shards_the_global_batch_and_resumes() -> None:
-    kw = dict(global_batch=8, micro_batch=2, total_steps=5, seed=3)
-    one = list(StreamSampler(10, rank=0, world=1, start_step=0, **kw))  # type: ignore[arg-type]
-    r0 = list(StreamSampler(10, rank=0, world=2, start_step=0, **kw))  # type: ignore[arg-type]
-    r1 = list(StreamSampler(10, rank=1, world=2, start_step=0, **kw))  # type: ignore[arg-type]
-    for step in range(5):  # each global batch is the same set of samples for 1 or 2 processes
+    kw = dict(global_batch=8, micro_batch=2, total_steps=5)
+    one = list(StreamSampler(rank=0, world=1, start_step=0, **kw))  # type: ignore[arg-type]
+    r0 = list(StreamSampler(rank=0, world=2, start_step=0, **kw))  # type: ignore[arg-type]
+    r1 = list(StreamSampler(rank=1, world=2, start_step=0, **kw))  # type: ignore[arg-type]
+    for step in range(5):  # each global batch is the same set of positions for 1 or 2 processes
         g = one[step * 8:(step + 1) * 8]
         assert sorted(r0[step * 4:(step + 1) * 4] + r1[step * 4:(step + 1) * 4]) == sorted(g)
-    assert sorted(one[:10]) == list(range(10)) and one[:10] != one[10:20]  # an epoch is a permutation, reshuffled
-    assert list(StreamSampler(10, rank=0, world=1, start_step=2, **kw)) == one[16:]  # type: ignore[arg-type]
+    assert list(StreamSampler(rank=0, world=1, start_step=2, **kw)) == one[16:]  # type: ignore[arg-type]
+    stream = Stream(10, seed=3)
+    idx = [stream.index_at(p) for p in one]
+    assert sorted(idx[:10]) == list(range(10)) and idx[:10] != idx[10:20]  # an epoch is a permutation, reshuffled
     with pytest.raises(RecipeError, match="multiple"):
-        StreamSampler(10, global_batch=6, micro_batch=4, rank=0, world=1, start_step=0, total_steps=1, seed=0)
+        StreamSampler(global_batch=6, micro_batch=4, rank=0, world=1, start_step=0, total_steps=1)
 
 
 def test_missing_model_folder_and_data_are_clear_errors(tmp_path: Path) -> None:

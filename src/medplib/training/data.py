@@ -6,8 +6,8 @@ The stream is the concatenation of seeded permutations of the dataset (one per e
 step k consumes positions [k*G, (k+1)*G) with G = global batch; within it, micro-batch i of
 process r holds positions k*G + (i*world + r)*micro + [0, micro). So the global batch of a step is
 the same set of samples for 1 process or many, and the data position of a checkpoint is just k.
-With augmentation, the loader reads `StreamView` items by stream position, and each position's
-random flips are drawn from (seed, position): a resumed run sees the same augmented samples.
+The loader reads `StreamView` items by stream position; with augmentation, each position's random
+flips are drawn from (seed, position), so a resumed run sees the same augmented samples.
 """
 
 from __future__ import annotations
@@ -68,39 +68,34 @@ class Stream:
 
 
 class StreamSampler(Sampler[int]):
-    """This process's sample indices (or stream positions, with positions=True) from optimizer step
-    `start_step` on (see the module docstring)."""
+    """The stream positions this process reads from optimizer step `start_step` on (see the module
+    docstring); `StreamView` turns a position into a sample."""
 
-    def __init__(self, n: int, *, global_batch: int, micro_batch: int, rank: int, world: int,
-                 start_step: int, total_steps: int, seed: int, positions: bool = False) -> None:
+    def __init__(self, *, global_batch: int, micro_batch: int, rank: int, world: int, start_step: int,
+                 total_steps: int) -> None:
         if global_batch % (micro_batch * world):
             raise RecipeError(f"train.global_batch ({global_batch}) must be a multiple of train.micro_batch "
                               f"({micro_batch}) x processes ({world})")
         self.G, self.micro, self.rank, self.world = global_batch, micro_batch, rank, world
-        self.start, self.total, self.positions = start_step, total_steps, positions
+        self.start, self.total = start_step, total_steps
         self.accum = global_batch // (micro_batch * world)
-        self.stream = Stream(n, seed)
-
-    def index_at(self, position: int) -> int:
-        return self.stream.index_at(position)
 
     def __iter__(self) -> Iterator[int]:
         for step in range(self.start, self.total):
             for i in range(self.accum):
                 first = step * self.G + (i * self.world + self.rank) * self.micro
-                for p in range(first, first + self.micro):
-                    yield p if self.positions else self.index_at(p)
+                yield from range(first, first + self.micro)
 
     def __len__(self) -> int:
         return (self.total - self.start) * self.accum * self.micro
 
 
 class StreamView(Dataset):
-    """Items by stream position (StreamSampler with positions=True): the dataset's sample at that
-    position, augmented (`medplib.data.augment`) with an RNG drawn from (seed, position)."""
+    """Items by stream position: the dataset's sample at that position (`Stream`), augmented
+    (`medplib.data.augment`, none by default) with an RNG drawn from (seed, position)."""
 
-    def __init__(self, dataset: Dataset, augmentations: list[str], seed: int) -> None:
-        self.dataset, self.augmentations, self.seed = dataset, list(augmentations), seed
+    def __init__(self, dataset: Dataset, seed: int, augmentations: list[str] | None = None) -> None:
+        self.dataset, self.augmentations, self.seed = dataset, list(augmentations or []), seed
         self.stream = Stream(len(dataset), seed)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -108,8 +103,8 @@ class StreamView(Dataset):
 
     def __getitem__(self, position: int) -> LoadedSample | None:
         loaded = self.dataset[self.stream.index_at(position)]
-        if loaded is None:
-            return None
+        if loaded is None or not self.augmentations:
+            return loaded
         return augment(loaded, self.augmentations, np.random.default_rng([self.seed, 1, position]))
 
 

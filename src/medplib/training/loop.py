@@ -168,11 +168,10 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
             f"{steps} steps of {t.global_batch} ({world} process(es) x {t.micro_batch} x {accum} accumulation, "
             f"{accelerator.distributed_type.value}, {t.mixed_precision})"
             + (f"; resuming at step {start} from {found}" if found is not None else ""))
-    augmented = bool(recipe.data.augment)
-    sampler = StreamSampler(len(dataset), global_batch=t.global_batch, micro_batch=t.micro_batch, rank=rank,  # type: ignore[arg-type]
-                            world=world, start_step=start, total_steps=steps, seed=t.seed, positions=augmented)
-    source = StreamView(dataset, recipe.data.augment, t.seed) if augmented else dataset
-    loader = DataLoader(source, batch_size=t.micro_batch, sampler=sampler, num_workers=recipe.data.num_workers,
+    sampler = StreamSampler(global_batch=t.global_batch, micro_batch=t.micro_batch, rank=rank, world=world,
+                            start_step=start, total_steps=steps)
+    loader = DataLoader(StreamView(dataset, t.seed, recipe.data.augment), batch_size=t.micro_batch, sampler=sampler,
+                        num_workers=recipe.data.num_workers,
                         collate_fn=EncodeCollate(m.processor),
                         generator=torch.Generator().manual_seed(t.seed))  # own RNG: iter() must not draw from the restored one
 
@@ -186,6 +185,7 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
 
     bar = tqdm(total=steps, initial=start, disable=not (main and recipe.log.progress), desc=recipe.name, unit="step")
     moe = moe_layers(m.model.llm)
+    route_coef = m.config.moe.router_task_coef if moe else 0.0  # 0: no route targets to compute
     batches = iter(loader)
     history: list[dict[str, Any]] = []
     model.train()
@@ -203,7 +203,7 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
                     batch = _to_device(batch, accelerator.device)
                     if moe:
                         groups = token_groups(batch).to(accelerator.device)
-                        targets = route_targets(batch, groups, m.model.ids.image)
+                        targets = route_targets(batch, groups, m.model.ids.image) if route_coef else None
                         for layer in moe:
                             layer.set_token_groups(groups)
                             layer.set_route_targets(targets)
@@ -235,9 +235,11 @@ def train(recipe: Recipe, *, log: Callable[[str], None] = print) -> TrainResult:
                         writer.add_scalar(f"routing/{g}/expert{e}", share, step + 1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "ce", "dice", "bce")}, refresh=False)
             bar.update(1)
-        if ck.every and (step + 1) % ck.every == 0 and step + 1 < steps and sharded:
+        if not (ck.every and (step + 1) % ck.every == 0 and step + 1 < steps):
+            continue
+        if sharded:
             save_engine_checkpoint(run, step + 1, accelerator, world=world, keep_last=ck.keep_last)
-        elif ck.every and (step + 1) % ck.every == 0 and step + 1 < steps:
+        else:
             save_checkpoint(run, step + 1, accelerator.unwrap_model(model), opt, sched, rank=rank, world=world,
                             barrier=barrier, keep_last=ck.keep_last)
     bar.close()
