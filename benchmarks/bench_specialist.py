@@ -5,6 +5,10 @@ Not a CI test.
     OMP_NUM_THREADS=1 python benchmarks/bench_specialist.py --data ../shared/data/kvasir_seg --work runs/q_kvasir_aug \\
         --minutes 5,10,20,30
 
+`--model pixel` trains medplib's grounding path alone instead (the `small` preset's pixel encoder and
+mask decoder, one learned prompt in place of the LLM's [SEG]) with the same loss, data and budget: it
+separates what the from-scratch SAM-style path can learn from what the LLM and stages add or cost.
+
 The split is the one `medplib data build --source kvasir` writes (the data folder of
 `bench_quality.py kvasir`, reused when it exists): 802 train / 91 test grounding images. Dice is
 computed on the thresholded mask at the mask's resolution, as in `bench_quality.py kvasir`; the
@@ -25,10 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medplib.config import preset
 from medplib.data.augment import augment
 from medplib.data.loading import load_sample
 from medplib.data.schema import read_jsonl
 from medplib.evaluation.masks import mask_overlap
+from medplib.model.mask_decoder import MaskDecoder
+from medplib.model.pixel_encoder import PixelEncoder
 
 
 
@@ -59,6 +66,20 @@ class UNet(nn.Module):
         for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
             x = merge(torch.cat([up(x), skip], dim=1))
         return self.head(x)
+
+
+class PixelPath(nn.Module):
+    """medplib's grounding path without the LLM: (B, 3, S, S) -> (B, 1, S, S) mask logits (S = 256)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = preset("small")
+        self.encoder, self.decoder = PixelEncoder(cfg.pixel), MaskDecoder(cfg.decoder)
+        self.prompt = nn.Parameter(0.02 * torch.randn(1, 1, cfg.decoder.transformer_dim))  # stands in for [SEG]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.decoder(self.encoder(x), self.prompt.expand(x.shape[0], -1, -1))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def _tensors(images: list[np.ndarray], masks: list[np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,11 +121,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="folder holding (or receiving) the built data/")
     ap.add_argument("--minutes", default="5,10,20,30", help="CPU-minute budgets at which to evaluate (ascending)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--size", type=int, default=128, help="input side (a multiple of 16); masks are scored at full size")
+    ap.add_argument("--model", choices=["unet", "pixel"], default="unet")
+    ap.add_argument("--size", type=int, default=None,
+                    help="input side, a multiple of 16 (default 128 for the U-Net, 256 for the pixel path); "
+                         "masks are scored at full size")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--augment", default="hflip,vflip,transpose", help="flips, as the pipeline's data.augment")
     args = ap.parse_args()
     budgets = [float(m) for m in args.minutes.split(",")]
+    size = args.size or (128 if args.model == "unet" else 256)
+    name = f"kvasir_specialist_{args.model}"
 
     data = args.work / "data"
     if not (data / "samples.jsonl").is_file():
@@ -117,10 +143,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = UNet()
+    model = UNet() if args.model == "unet" else PixelPath()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    print(json.dumps({"bench": "kvasir_specialist_unet", "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                      "n_train": len(train), "n_test": len(test), "augment": names}), flush=True)
+    print(json.dumps({"bench": name, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                      "n_train": len(train), "n_test": len(test), "augment": names, "lr": args.lr}), flush=True)
     train_cpu, step, order = 0.0, 0, rng.permutation(len(train))
     for budget in budgets:
         while train_cpu < budget * 60:
@@ -129,16 +155,16 @@ def main() -> None:
                 order = rng.permutation(len(train))
             idx, order = order[: args.batch], order[args.batch:]
             batch = [augment(train[i], names, rng) for i in idx]
-            x, y = _tensors([b.image for b in batch], [b.target_masks[0] for b in batch], args.size)
+            x, y = _tensors([b.image for b in batch], [b.target_masks[0] for b in batch], size)
             loss = _loss(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             step += 1
             train_cpu += time.process_time() - t0
-        print(json.dumps({"bench": "kvasir_specialist_unet", "train_cpu_minutes": round(train_cpu / 60, 1), "steps": step,
-                          "batch": args.batch, "size": args.size, "last_loss": round(loss.item(), 4),
-                          "mdice": round(_mdice(model, test, data, args.size), 4)}),
+        print(json.dumps({"bench": name, "train_cpu_minutes": round(train_cpu / 60, 1), "steps": step,
+                          "batch": args.batch, "size": size, "last_loss": round(loss.item(), 4),
+                          "mdice": round(_mdice(model, test, data, size), 4)}),
               flush=True)
 
 
