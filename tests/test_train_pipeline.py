@@ -88,6 +88,16 @@ def test_stage3_changes_only_mlps_and_pixel_parts(pipeline_run: tuple[Path, Path
     assert changed == {"llm.mlp", "mask_decoder", "seg_proj", "pixel_encoder"}
 
 
+def test_stage4_keeps_the_trained_towers(pipeline_run: tuple[Path, Path]) -> None:
+    """From-scratch presets train the pixel encoder in stage III and the vision tower in I-II; stage IV keeps both."""
+    _, run = pipeline_run
+    s4 = MedPLIB.from_pretrained(run / "model").model.state_dict()
+    for part, stage in (("pixel_encoder", "stage3"), ("vision", "stage2")):
+        before = MedPLIB.from_pretrained(run / stage / "model").model.state_dict()
+        keys = [k for k in before if k.startswith(part + ".")]
+        assert keys and all(torch.equal(before[k], s4[k]) for k in keys), part
+
+
 @pytest.mark.parametrize("expert,dense", [(0, "stage3"), (1, "stage2")])
 def test_upcycled_model_with_forced_expert_reproduces_the_dense_model(
     pipeline_run: tuple[Path, Path], expert: int, dense: str

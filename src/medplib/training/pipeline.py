@@ -6,7 +6,7 @@ Each stage is the unchanged recipe file plus overrides: data folder, run folders
 without pretrained weights (tiny, small) the CPU settings below. The published trainable sets
 assume pretrained CLIP / LLaVA / SAM-Med2D parts; a randomly initialised tower trained through a
 projector alone learns nothing, so such presets also train in full (`unfreeze`) the parts a stage
-exercises that would otherwise stay random. Stage III never unfreezes the LLM: its attention,
+exercises that would otherwise stay random (none by stage IV). Stage III never unfreezes the LLM: its attention,
 embeddings and lm_head must stay those of stage II, so that stage IV can put stage III's MLPs beside
 stage II's as experts of one model.
 """
@@ -28,7 +28,9 @@ SCRATCH_UNFREEZE = {
     "stage1_alignment": "[vision,llm]",
     "stage2_vl_expert": "[vision,llm,region_encoder]",
     "stage3_pg_expert": "[pixel_encoder]",
-    "stage4_moe": "[vision,pixel_encoder]",
+    # Nothing: by stage IV both towers are trained (I-II, III). Training them again on the mixed-task
+    # batch, where grounding is a third of the samples, cost Kvasir-SEG grounding 0.04 mDice (docs/BENCHMARKS.md).
+    "stage4_moe": "[]",
 }
 
 
