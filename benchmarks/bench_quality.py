@@ -29,8 +29,8 @@ import numpy as np
 
 from medplib.api import MedPLIB
 from medplib.data.loading import load_sample
-from medplib.demo import DEMO_STAGE_EXTRA
 from medplib.data.schema import read_jsonl
+from medplib.demo import DEMO_STAGE_EXTRA
 from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.vqa import normalize_medplib
 from medplib.training.loop import train
