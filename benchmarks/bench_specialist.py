@@ -38,7 +38,6 @@ from medplib.model.mask_decoder import MaskDecoder
 from medplib.model.pixel_encoder import PixelEncoder
 
 
-
 # A plain 4-level U-Net written here (about 30 lines) rather than pulled from a segmentation library:
 # the baseline should not add a dependency to the project.
 class _Block(nn.Sequential):
