@@ -26,6 +26,9 @@ from medplib.model.regions import RegionEncoder
 from medplib.model.vision import VisionTower, build_projector
 
 IGNORE_INDEX = -100
+# Temperatures below this decode greedily: sampling at them is greedy but for exact ties, and logits / t
+# overflows to inf (NaN probabilities) as t nears 0 (1e-300, 5e-324).
+MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ class MedPLIBModel(nn.Module):
     ) -> GenerationOutput:
         """Decode one sample: input_ids (1, T) ending with `ASSISTANT:`; pixel_values (1, 3, Sp, Sp).
 
-        Greedy when temperature == 0. `features.pixel` is computed on the first `[SEG]` only
+        Greedy when temperature < MIN_SAMPLING_TEMPERATURE. `features.pixel` is computed on the first `[SEG]` only
         (and kept, so a later question on the same image reuses it)."""
         if input_ids.shape[0] != 1:
             raise InputError("generate decodes one sample at a time")
@@ -278,7 +281,7 @@ class MedPLIBModel(nn.Module):
         for _ in range(max_new):
             h = out.last_hidden_state[:, -1]  # (1, H)
             logits = head(h).float()
-            if temperature > 0:
+            if temperature >= MIN_SAMPLING_TEMPERATURE:
                 nxt = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
             else:
                 nxt = int(logits.argmax(dim=-1))
