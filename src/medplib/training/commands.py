@@ -25,7 +25,7 @@ def pipeline_command(
     out: Path = typer.Option(..., "--out", help="run folder: stage1..stage4 and the final model/"),
     preset: str = typer.Option("small", help="model preset that stage I starts from"),
     steps: Optional[str] = typer.Option(None, help="optimizer steps per stage, e.g. 100,100,60,60 (default: epochs)"),
-    recipes: Optional[Path] = typer.Option(None, help="folder with the stage recipes (default: the source tree's)"),
+    recipes: Optional[Path] = typer.Option(None, help="folder with the stage recipes (default: the package's own)"),
     stage: Optional[List[str]] = typer.Option(None, "--stage", help="an override for one stage, N:key=value "
                                               "(repeatable), e.g. --stage 3:data.augment=[hflip,vflip]"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides for every stage"),

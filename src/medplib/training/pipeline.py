@@ -35,8 +35,9 @@ SCRATCH_UNFREEZE = {
 
 
 def default_recipes_dir() -> Path:
-    """`recipes/` of the source tree this package runs from."""
-    return Path(medplib.__file__).resolve().parents[2] / "recipes"
+    """The stage recipes shipped inside the package (`medplib/recipes/`, package data; the checkout's
+    top-level `recipes` is a link to it), so an installed wheel finds them as an editable install does."""
+    return Path(medplib.__file__).resolve().parent / "recipes"
 
 
 def parse_stage_overrides(items: Sequence[str]) -> dict[str, list[str]]:
