@@ -57,7 +57,13 @@ def _read_headers(files: list[Path]) -> tuple[list[tuple[Path, Any]], list[str]]
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on truncated files
             corrupt.append(f"{path.name} ({type(exc).__name__}: {exc})")
             continue
-        if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_UID or "PixelData" not in ds:
+        if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_UID:
+            skipped.append(path.name)
+            continue
+        if "SOPInstanceUID" not in ds:  # pydicom parses garbage after a DICM preamble into a few odd elements
+            corrupt.append(f"{path.name} (no SOPInstanceUID: the header is damaged)")
+            continue
+        if "PixelData" not in ds:  # a report, presentation state or other object without an image
             skipped.append(path.name)
             continue
         datasets.append((path, ds))
