@@ -24,6 +24,7 @@ data_app = typer.Typer(help="Build, check and convert instruction data.", no_arg
 class Source(str, Enum):
     sa_med2d = "sa-med2d"
     kvasir = "kvasir"
+    covid_cxr = "covid-cxr"
     lvit = "lvit"
     vqa_rad = "vqa-rad"
     slake = "slake"

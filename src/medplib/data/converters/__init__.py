@@ -10,7 +10,7 @@ from medplib.data.builder import BuildConfig, build_samples
 from medplib.data.schema import Sample
 from medplib.errors import InputError
 
-SOURCES = ("sa-med2d", "kvasir", "lvit", "vqa-rad", "slake", "pathvqa", "mecovqa", "med-grit", "phantoms")
+SOURCES = ("sa-med2d", "kvasir", "covid-cxr", "lvit", "vqa-rad", "slake", "pathvqa", "mecovqa", "med-grit", "phantoms")
 
 
 def build_source(name: str, src: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None,
@@ -28,6 +28,10 @@ def build_source(name: str, src: str | Path, out_dir: str | Path, cfg: BuildConf
         from medplib.data.converters.kvasir import read_kvasir
 
         return build_samples(read_kvasir(src, out_dir), out_dir, cfg)
+    if name == "covid-cxr":
+        from medplib.data.converters.covid_cxr import read_covid_cxr
+
+        return build_samples(read_covid_cxr(src, out_dir), out_dir, cfg)
     if name == "lvit":
         from medplib.data.converters.lvit import read_lvit
 
