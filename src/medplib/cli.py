@@ -58,6 +58,32 @@ def demo(
     run_demo(out, preset=preset, steps=counts, n_phantoms=n_phantoms, retrain=retrain, seed=seed, log=typer.echo)
 
 
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="the folder to convert"),
+    out: Path = typer.Argument(..., help="the folder to write"),
+    to: str = typer.Option("medplib", help="medplib: a published MedPLIB folder (e.g. MedPLIB-7b-2e) -> a medplib "
+                           "model folder; published: a medplib model folder -> the published layout"),
+    config: Optional[Path] = typer.Option(None, help="medplib config.json for what the published config.json does "
+                                          "not record (vision, SAM-Med2D, decoder widths; default: the paper preset)"),
+    vision: Optional[Path] = typer.Option(None, help="HF CLIP folder, for checkpoints saved without the vision tower"),
+    sam: Optional[Path] = typer.Option(None, help="--to published: the SAM-Med2D checkpoint for the SAM parts "
+                                       "medplib does not keep (default: zeros)"),
+    shard_gb: float = typer.Option(10.0, help="--to published: largest shard, GB"),
+) -> None:
+    """Convert weights between the published MedPLIB layout and a medplib model folder, streaming shard by shard."""
+    from medplib.config import MedPLIBConfig
+    from medplib.model.convert import medplib_to_published, published_to_medplib
+
+    if to == "medplib":
+        base = MedPLIBConfig.load(config) if config else None
+        published_to_medplib(src, out, base=base, vision=vision, log=typer.echo)
+    elif to == "published":
+        medplib_to_published(src, out, sam=sam, max_shard_bytes=int(shard_gb * 2**30), log=typer.echo)
+    else:
+        raise MedplibError(f"--to must be medplib or published, got {to!r}")
+
+
 app.command("eval")(eval_command)
 app.command("train")(train_command)
 app.command("pipeline")(pipeline_command)
@@ -68,6 +94,9 @@ def _register_optional() -> None:
     from medplib.data.commands import data_app
 
     app.add_typer(data_app, name="data", help="Build, validate, inspect and export instruction data.")
+    from medplib.retrieval.commands import index_app
+
+    app.add_typer(index_app, name="index", help="Index annotated images and retrieve in-context examples.")
     from medplib.serving.commands import ask, serve
 
     app.command()(ask)
