@@ -291,3 +291,20 @@ def test_empty_mask_conventions() -> None:
         dice_3d(box, box[:5])
     with pytest.raises(InputError, match="spacing"):
         hausdorff_95(box, box, (1.0, 0.0, 1.0))
+
+
+def test_read_volume_dispatches_on_what_it_is_given(tmp_path: Path) -> None:
+    from medplib.data.volume import read_volume
+
+    written = write_series(tmp_path / "ct", n=4)
+    write_series(tmp_path / "other", n=3, seed=1)
+    for p in (tmp_path / "other").iterdir():
+        shutil.copy(p, tmp_path / "ct" / f"X{p.name}")
+    one = read_volume(written[2][0])  # a file: its own series, though the folder holds two
+    assert one.shape[2] == 4 and one.source.sop_uids[2] == pydicom.dcmread(written[2][0]).SOPInstanceUID
+    assert read_volume(mni_file("gm")).orientation == "RAS"
+    with pytest.raises(InputError, match="2 series mixed"):
+        read_volume(tmp_path / "ct")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="not a volume"):
+        read_volume(tmp_path / "notes.txt")

@@ -105,7 +105,8 @@ def test_dicom_seg_references_the_series(tmp_path: Path, ct_series: Volume) -> N
         ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         k = ct_series.source.sop_uids.index(ref)
         position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
-        assert np.allclose(position, [float(v) for v in pydicom.dcmread(ct_series.source.paths[k]).ImagePositionPatient])
+        source = pydicom.dcmread(ct_series.source.paths[k])
+        assert np.allclose(position, [float(v) for v in source.ImagePositionPatient])
         segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         assert k in ((1, 2, 3, 4) if segment == 1 else (3,))
     assert sources.SOPClassUID == ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPClassUID

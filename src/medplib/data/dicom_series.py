@@ -205,12 +205,14 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     lps[:3, 3] = positions[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM patient space is LPS+
     source = VolumeSource(format="dicom", paths=tuple(str(p) for p, _ in series),
-                          series_uid=str(first.SeriesInstanceUID), study_uid=str(first.get("StudyInstanceUID", "")) or None,
+                          series_uid=str(first.SeriesInstanceUID),
+                          study_uid=str(first.get("StudyInstanceUID", "")) or None,
                           frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")) or None,
                           sop_uids=tuple(str(ds.SOPInstanceUID) for _, ds in series))
     meta: dict[str, Any] = {"format": "dicom", "modality": first.get("Modality"), "skipped": skipped,
                             "uneven_spacing": uneven, "photometric": str(first.get("PhotometricInterpretation", "")),
-                            "rescale": sorted(set(rescale)), "slice_thickness": float(first.get("SliceThickness", 0) or 0) or None}
+                            "rescale": sorted(set(rescale)),
+                            "slice_thickness": float(first.get("SliceThickness", 0) or 0) or None}
     if "WindowCenter" in first and "WindowWidth" in first:
         from medplib.data.dicom import _first
 

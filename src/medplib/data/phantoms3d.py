@@ -78,13 +78,15 @@ class _Space:
                 (k - 1) * elevation + rng.uniform(0, 2 * np.pi))
         return r <= wobble
 
-    def cylinder(self, cx: float, cy: float, rx: float, ry: float, z0: float = -np.inf, z1: float = np.inf) -> np.ndarray:
+    def cylinder(self, cx: float, cy: float, rx: float, ry: float, z0: float = -np.inf,
+                 z1: float = np.inf) -> np.ndarray:
         """An elliptic cylinder along z (superior) between z0 and z1 mm."""
         return (((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2 <= 1.0) & (self.z >= z0) & (self.z <= z1)
 
     def texture(self, rng: np.random.Generator, sigma_mm: float) -> np.ndarray:
         """(I, J, K) smooth noise, zero mean and unit std, blurred by `sigma_mm` in world units."""
-        noise = ndimage.gaussian_filter(rng.standard_normal(self.shape), sigma=[max(sigma_mm / s, 0.5) for s in self.spacing])
+        sigma = [max(sigma_mm / s, 0.5) for s in self.spacing]
+        noise = ndimage.gaussian_filter(rng.standard_normal(self.shape), sigma=sigma)
         return (noise - noise.mean()) / (noise.std() + 1e-9)
 
 
@@ -99,7 +101,8 @@ def _ct(s: _Space, rng: np.random.Generator) -> None:
     s.paint(inner, 15.0 + 12.0 * s.texture(rng, 8.0))  # muscle and bowel
     zh = half[2]
     liver_c = (bx * 0.42 + rng.uniform(-5, 5), by * 0.1 + rng.uniform(-5, 5), zh * rng.uniform(0.05, 0.2))
-    liver = s.blob(rng, liver_c, (bx * rng.uniform(0.36, 0.44), by * rng.uniform(0.5, 0.6), zh * rng.uniform(0.55, 0.7))) & inner
+    liver_r = (bx * rng.uniform(0.36, 0.44), by * rng.uniform(0.5, 0.6), zh * rng.uniform(0.55, 0.7))
+    liver = s.blob(rng, liver_c, liver_r) & inner
     s.paint(liver, 70.0 + 6.0 * s.texture(rng, 6.0), "liver")  # patient's right is +x in RAS
     lesion_r = min(bx, by) * rng.uniform(0.12, 0.18)
     lesion = s.blob(rng, liver_c, (lesion_r, lesion_r, lesion_r * rng.uniform(0.8, 1.2)), 0.2) & liver
@@ -108,8 +111,9 @@ def _ct(s: _Space, rng: np.random.Generator) -> None:
                     (bx * rng.uniform(0.12, 0.16), by * rng.uniform(0.25, 0.32), zh * rng.uniform(0.3, 0.4))) & inner
     s.paint(spleen, 50.0 + 5.0 * s.texture(rng, 4.0), "spleen")
     for side, label in ((1, "right kidney"), (-1, "left kidney")):
-        kidney = s.blob(rng, (side * bx * rng.uniform(0.3, 0.38), -by * rng.uniform(0.4, 0.5), -zh * rng.uniform(0.1, 0.25)),
-                        (bx * rng.uniform(0.12, 0.15), by * rng.uniform(0.2, 0.26), zh * rng.uniform(0.3, 0.4)), 0.06) & inner
+        centre = (side * bx * rng.uniform(0.3, 0.38), -by * rng.uniform(0.4, 0.5), -zh * rng.uniform(0.1, 0.25))
+        radii = (bx * rng.uniform(0.12, 0.15), by * rng.uniform(0.2, 0.26), zh * rng.uniform(0.3, 0.4))
+        kidney = s.blob(rng, centre, radii, 0.06) & inner
         s.paint(kidney, 160.0 + 10.0 * s.texture(rng, 2.0), label)  # contrast-enhanced cortex
     vr = by * rng.uniform(0.16, 0.2)
     vertebra = s.cylinder(0.0, -by * 0.6, vr, vr * 0.9) & inner
@@ -132,7 +136,8 @@ def _mr(s: _Space, rng: np.random.Generator) -> None:
     spread = r[0] * rng.uniform(0.1, 0.16)
     for side in (-1, 1):
         vent = s.blob(rng, (side * spread, r[1] * rng.uniform(-0.05, 0.05), r[2] * 0.1),
-                      (r[0] * rng.uniform(0.06, 0.09), r[1] * rng.uniform(0.22, 0.3), r[2] * rng.uniform(0.15, 0.22)), 0.1)
+                      (r[0] * rng.uniform(0.06, 0.09), r[1] * rng.uniform(0.22, 0.3), r[2] * rng.uniform(0.15, 0.22)),
+                      0.1)
         s.paint(vent & brain, 150.0, "ventricle")
     direction = rng.standard_normal(3)
     direction /= np.linalg.norm(direction)
@@ -185,8 +190,10 @@ def write_phantom_volume(phantom: PhantomVolume, out_dir: str | Path, dicom: boo
     label_map, table = phantom.label_map()
     write_nifti_mask(label_map, vol, out / "labels.nii.gz")
     (out / "labels.json").write_text(json.dumps({str(k): v for k, v in table.items()}, indent=1) + "\n")
-    paths = {"image": str(out / "image.nii.gz"), "labels": str(out / "labels.nii.gz"), "table": str(out / "labels.json")}
+    paths = {"image": str(out / "image.nii.gz"), "labels": str(out / "labels.nii.gz"),
+             "table": str(out / "labels.json")}
     if dicom:
-        write_dicom_series(vol, out / "dicom", modality=phantom.modality.upper(), series_description=f"phantom {phantom.modality}")
+        write_dicom_series(vol, out / "dicom", modality=phantom.modality.upper(),
+                           series_description=f"phantom {phantom.modality}")
         paths["dicom"] = str(out / "dicom")
     return paths

@@ -10,6 +10,7 @@ NIfTI volumes are in closest-canonical (RAS) voxel order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -87,3 +88,29 @@ def affine_from_spacing(spacing: tuple[float, float, float], origin: tuple[float
     affine = np.diag([*map(float, spacing), 1.0])
     affine[:3, 3] = origin
     return affine
+
+
+def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
+    """A NIfTI file (.nii, .nii.gz), a folder holding a DICOM series, or one DICOM file (the series
+    it belongs to, read from its folder) -> Volume."""
+    from medplib.data.dicom_series import read_dicom_series
+    from medplib.data.images import is_dicom
+    from medplib.data.nifti import read_nifti_volume
+
+    path = Path(path)
+    if path.is_dir():
+        return read_dicom_series(path, series_uid)
+    if not path.is_file():
+        raise InputError(f"{path}: volume not found (a NIfTI file or a folder of DICOM slices)")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return read_nifti_volume(path)
+    if is_dicom(path):
+        if series_uid is None:
+            import pydicom
+
+            try:
+                series_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt files
+                raise InputError(f"{path}: cannot read DICOM ({type(exc).__name__}: {exc})") from None
+        return read_dicom_series(path.parent, series_uid)
+    raise InputError(f"{path}: not a volume (expected .nii, .nii.gz, a DICOM file or a folder of DICOM slices)")

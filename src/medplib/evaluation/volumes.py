@@ -93,5 +93,6 @@ def score_volume(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], one
     """Dice, HD95 and volumes of a predicted (I, J, K) mask against the ground truth."""
     p, g = _pair(pred, gt, spacing)
     ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0  # mm^3 per voxel -> ml
-    return VolumeScores(dice=dice_3d(p, g, both_empty), hd95_mm=hausdorff_95(p, g, spacing, 95.0, one_empty, both_empty),
+    return VolumeScores(dice=dice_3d(p, g, both_empty),
+                        hd95_mm=hausdorff_95(p, g, spacing, 95.0, one_empty, both_empty),
                         pred_ml=int(np.count_nonzero(p)) * ml, gt_ml=int(np.count_nonzero(g)) * ml)
