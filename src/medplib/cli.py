@@ -94,6 +94,9 @@ def _register_optional() -> None:
     from medplib.data.commands import data_app
 
     app.add_typer(data_app, name="data", help="Build, validate, inspect and export instruction data.")
+    from medplib.retrieval.commands import index_app
+
+    app.add_typer(index_app, name="index", help="Index annotated images and retrieve in-context examples.")
     from medplib.serving.commands import ask, serve
 
     app.command()(ask)
