@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from medplib.config import MoEConfig
 from medplib.errors import ConfigError
-from medplib.model.moe import MoEMLP, force_expert, moe_from_dense, moe_layers, replace_mlps_with_moe
+from medplib.model.moe import MoEMLP, force_expert, moe_from_dense, moe_layers, replace_mlps_with_moe, set_sync_free
 
 
 class Scale(nn.Module):
@@ -369,3 +369,60 @@ def test_decoding_step_path_equals_the_general_path(gate: str) -> None:
     two = moe(torch.cat([x, x], dim=1))
     torch.testing.assert_close(one[0, 0], two[0, 0], rtol=0, atol=0)
     assert (2 * counts).tolist() == moe.last_counts.tolist() and moe.last_dropped == 0
+
+
+@pytest.mark.parametrize("gate", ["prob", "straight_through"])
+def test_sync_free_decoding_step_equals_the_host_routed_step(gate: str) -> None:
+    """Sync-free, every expert runs and the chosen output is picked on the device: the same output,
+    bit for bit, and the same counts as reading the choice on the host, for tokens routed to each expert."""
+    torch.manual_seed(8)
+    moe = scale_moe(n=3, hidden=6, gate=gate).eval()
+    with torch.no_grad():
+        moe.router.weight.normal_()
+    xs = torch.randn(64, 1, 1, 6)
+    chosen = set()
+    for x in xs:
+        moe.sync_free = False
+        host = moe(x)
+        host_counts = moe.last_counts.clone()
+        moe.sync_free = True
+        free = moe(x)
+        torch.testing.assert_close(free, host, rtol=0, atol=0)
+        assert moe.last_counts.tolist() == host_counts.tolist() and moe.last_dropped == 0
+        chosen.add(int(host_counts.argmax()))
+    assert chosen == {0, 1, 2}  # every expert was chosen by some token
+    assert sum(len(e.calls) for e in moe.experts) == 64 + 3 * 64  # host: the chosen expert; sync-free: all
+
+
+@pytest.mark.parametrize("gate", ["prob", "straight_through"])
+def test_sync_free_routing_keeps_greedy_decoding_and_training_unchanged(
+    dense_pair: tuple[nn.Module, nn.Module], gate: str
+) -> None:
+    """An upcycled LLaMA decodes the same tokens and logits with sync-free routing; training-mode
+    forwards (capacity, drops, losses) do not take the decoding path and are unchanged."""
+    llm = tiny_llama(14)
+    replace_mlps_with_moe(llm, MoEConfig(num_experts=2, top_k=1, gate=gate, capacity_factor_train=0.6),
+                          expert_sources=list(dense_pair))
+    with torch.no_grad():
+        for m in moe_layers(llm):
+            m.router.weight.normal_(std=0.5)  # both experts in use
+    prompt = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        host_tokens, host_logits = greedy(llm, prompt, 8)
+        set_sync_free(llm, True)
+        assert all(m.sync_free for m in moe_layers(llm))
+        free_tokens, free_logits = greedy(llm, prompt, 8)
+    assert free_tokens == host_tokens
+    assert all(torch.equal(a, b) for a, b in zip(free_logits, host_logits))
+
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    llm.train()
+    results = []
+    for on in (False, True):
+        set_sync_free(llm, on)
+        torch.manual_seed(0)
+        loss = llm(input_ids=ids, labels=ids).loss
+        results.append((loss.item(), [m.last_dropped for m in moe_layers(llm)],
+                        [m.aux_loss.item() for m in moe_layers(llm)]))
+    assert results[0] == results[1]
+    assert sum(results[0][1]) > 0  # capacity 0.6 dropped tokens in training, the same ones both times

@@ -43,6 +43,15 @@ cannot know the task. Routing stays a learned function of the hidden state; infe
 Inference: a dropped token at inference would silently change answers, so in eval mode a forward
 with T == 1 (a KV-cache decoding step) never drops. With `capacity_factor_eval >= E / k` (the
 published 2.0 with E=2, k=1) a prefill cannot drop either, so cached and uncached generation agree.
+
+Sync-free decoding (`sync_free = True`, or `set_sync_free(llm, True)`): the batch-1 top-1 decoding
+step normally reads the chosen expert's index on the host and runs that expert alone, one host
+round trip per layer per token (free on the CPU, a device sync on a GPU, and no CUDA graph can
+capture it). Sync-free, every expert runs on the token and the chosen output is picked on the
+device by index, so the step is one static graph; the answer is bit-identical. The price is E
+experts' arithmetic and weight reads for that step. Gathering the chosen expert's weights by index
+instead (stacked weights + index_select) would copy a whole expert per layer per token and keep a
+second, stacked copy of every expert's weights; benchmarks/bench_moe.py measures both on the CPU.
 """
 
 from __future__ import annotations
@@ -97,6 +106,7 @@ class MoEMLP(nn.Module):
         self.router = nn.Linear(hidden_size, self.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD)
         self.forced_expert: int | None = None
+        self.sync_free = False  # decoding step without a host read of the chosen expert (module docstring)
         self._token_mask: Tensor | None = None
         self._token_groups: Tensor | None = None
         self._route_targets: Tensor | None = None
@@ -197,14 +207,20 @@ class MoEMLP(nn.Module):
         Decoding one token at a time is bound by per-operation overhead, not arithmetic, so this path
         does only what the answer needs: read the chosen expert (one device sync), run it alone, and
         scale by the gate (the probability for gate="prob", 1.0 for the straight-through gate). No
-        capacity (never drops at T == 1), no auxiliary loss, no statistics beyond `last_counts`."""
-        p, choice = probs.max(dim=-1)
-        e = int(choice)
-        y = self.experts[e](x)
+        capacity (never drops at T == 1), no auxiliary loss, no statistics beyond `last_counts`.
+        With `sync_free`, every expert runs and the chosen output is selected on the device."""
+        p, choice = probs.max(dim=-1)  # (1,), (1,)
+        if self.sync_free:
+            outs = torch.stack([expert(x) for expert in self.experts])  # (E, 1, 1, H)
+            y = outs.index_select(0, choice).squeeze(0)  # the same values the chosen expert alone gives
+            counts = (choice == torch.arange(self.num_experts, device=choice.device)).long()  # (E,)
+        else:
+            e = int(choice)
+            y = self.experts[e](x)
+            counts = torch.zeros(self.num_experts, dtype=torch.long)
+            counts[e] = 1
         if self.cfg.gate == "prob":
             y = (y * p).to(y.dtype)  # fp32 gate, as in the general path, so cached and uncached decoding agree
-        counts = torch.zeros(self.num_experts, dtype=torch.long)
-        counts[e] = 1
         self.last_counts, self._dropped, self.aux_loss = counts, torch.zeros((), dtype=torch.long), torch.zeros(())
         return y
 
@@ -314,6 +330,12 @@ def replace_mlps_with_moe(llm: nn.Module, cfg: MoEConfig, expert_sources: list[n
 def moe_layers(module: nn.Module) -> list[MoEMLP]:
     """Every MoEMLP inside `module`, in module order."""
     return [m for m in module.modules() if isinstance(m, MoEMLP)]
+
+
+def set_sync_free(module: nn.Module, on: bool) -> None:
+    """Turn sync-free top-1 decoding steps on or off in every MoEMLP inside `module` (module docstring)."""
+    for m in moe_layers(module):
+        m.sync_free = on
 
 
 def force_expert(llm: nn.Module, e: int | None) -> None:
