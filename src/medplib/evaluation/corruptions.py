@@ -63,8 +63,8 @@ _TERMS = {
 _TERM_RE = re.compile(r"\b(" + "|".join(f"(?P<t{i}>{p})" for i, p in enumerate(_TERMS.values())) + r")\b", re.I)
 _TERM_NAMES = list(_TERMS)
 _PRE_CUE = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of|resolution of)\b", re.I)
-_POST_CUE = re.compile(r"^\s*(?:is|are|was|were|has|have)\s+(?:not\s+(?:seen|present|identified|visualized)|absent|resolved)\b",
-                       re.I)
+_POST_CUE = re.compile(
+    r"^\s*(?:is|are|was|were|has|have)\s+(?:not\s+(?:seen|present|identified|visualized)|absent|resolved)\b", re.I)
 _CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|except|with the exception of)\b|;", re.I)
 _SIDE = re.compile(r"\b(left|right)\b", re.I)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")

@@ -29,7 +29,8 @@ PixelBox = tuple[float, float, float, float]
 
 def coco_lung_boxes(coco: object, where: str) -> dict[int, dict[str, PixelBox]]:
     """COCO dict -> {image id: {"right lung" | "left lung": pixel box (x1, y1, x2, y2)}}."""
-    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")):
+    keys = ("images", "annotations", "categories")
+    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in keys):
         raise DataValidationError("a COCO file needs images, annotations and categories lists", path=where)
     try:
         names = {int(c["id"]): str(c["name"]).strip().lower() for c in coco["categories"]}
@@ -86,6 +87,7 @@ def read_covid_cxr(src: str | Path, out_dir: str | Path, source: str = "covid-cx
         meta = entry.get("metadata") or {}
         yield LabelledImage(
             image=rebase(image.relative_to(src).as_posix(), src, Path(out_dir)), modality="xray",
-            instances=[Instance(label=label, mask=parts[label], box=named[label]) for label in LABELS if parts[label].any()],
+            instances=[Instance(label=label, mask=parts[label], box=named[label])
+                       for label in LABELS if parts[label].any()],
             group=f"patient-{meta.get('patientid', entry['id'])}", source=source, vocabulary=LABELS,
             meta={"finding": meta.get("finding"), "view": meta.get("view")})
