@@ -27,7 +27,8 @@ runner = CliRunner()
 def _cxr_pairs(root: Path) -> list[tuple[Path, Path]]:
     """(image, lung mask) of the chest X-rays, smallest first (the largest are 12 MP: slow on a CPU)."""
     folder = root / "covid_cxr_lungs"
-    images = sorted((folder / "images").iterdir(), key=lambda p: (Image.open(p).size[0] * Image.open(p).size[1], p.name))
+    area = {p: Image.open(p).size[0] * Image.open(p).size[1] for p in (folder / "images").iterdir()}
+    images = sorted(area, key=lambda p: (area[p], p.name))
     return [(p, folder / "lung_masks" / f"{p.stem}_mask.png") for p in images]
 
 
@@ -37,7 +38,8 @@ def _write_library(out: Path, pairs: list[tuple[Path, Path | str]], label: str =
     with (out / "samples.jsonl").open("w", encoding="utf-8") as fh:
         for image, mask in pairs:
             fh.write(json.dumps({
-                "id": f"{label}:{Path(image).stem}", "image": os.path.relpath(image, out), "source": "covid-cxr", "split": split,
+                "id": f"{label}:{Path(image).stem}", "image": os.path.relpath(image, out), "source": "covid-cxr",
+                "split": split,
                 "conversations": [{"role": "user", "content": f"<image>\nSegment the {label}."},
                                   {"role": "assistant", "content": "Sure, [SEG]."}],
                 "targets": [{"mask": os.path.relpath(mask, out), "label": label}]}) + "\n")

@@ -123,7 +123,8 @@ class ExampleIndex:
         """Open an index folder; its four files must agree on the number of vectors."""
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
-            raise IndexFolderError(f"{folder} is not a medplib index (no {MANIFEST}; make one with `medplib index build`)")
+            raise IndexFolderError(f"{folder} is not a medplib index (no {MANIFEST}; "
+                                   "make one with `medplib index build`)")
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
