@@ -242,3 +242,20 @@ def test_medplib_index_through_the_installed_command(flat: ExampleIndex, tiny: P
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("1. ") and " lungs " in lines[0]
+
+
+def test_rle_masks_are_kept_inline(embedder: ImageEmbedder, cxr, tmp_path: Path) -> None:
+    from medplib.data.masks import read_mask, rle_decode, rle_encode
+
+    image, mask_file = cxr["pairs"][0]
+    rle = rle_encode(read_mask(mask_file)).model_dump()
+    lib = _write_library(tmp_path / "lib", [cxr["pairs"][1]])
+    with (lib / "samples.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"id": "rle", "image": os.path.relpath(image, lib),
+                             "targets": [{"mask": rle, "label": "lungs"}],
+                             "conversations": [{"role": "user", "content": "<image>\nSegment the lungs."},
+                                               {"role": "assistant", "content": "[SEG]"}]}) + "\n")
+    index = _build(tmp_path / "idx", embedder, lib)
+    index = ExampleIndex.load(index.folder)
+    (hit,) = [h for h in index.search(np.zeros(64, np.float32) + 0.125, 2) if h.sample == "rle"]
+    assert isinstance(hit.mask, dict) and np.array_equal(rle_decode(hit.mask), read_mask(mask_file))
