@@ -55,7 +55,7 @@ def reduced_paper() -> MedPLIBConfig:
     })
 
 
-def llama_tokenizer(folder: Path) -> int:
+def llama_tokenizer(folder: Path, added: list[str] = PUBLISHED_TOKENS) -> int:
     """A small LLaMA-style tokenizer plus the published added tokens; returns its length."""
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -63,7 +63,7 @@ def llama_tokenizer(folder: Path) -> int:
     bpe.train_from_iterator([" ".join(words)] * 20, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    tok.add_tokens(PUBLISHED_TOKENS, special_tokens=True)
+    tok.add_tokens(added, special_tokens=True)
     tok.save_pretrained(str(folder))
     return len(tok)
 
@@ -141,12 +141,13 @@ def published_config(vocab: int) -> dict:
                     "min_capacity": 0, "ep_size": 1}}
 
 
-def write_published(folder: Path, sd: dict[str, torch.Tensor], vocab: int, fmt: str, n_shards: int = 3) -> None:
+def write_published(folder: Path, sd: dict[str, torch.Tensor], vocab: int, fmt: str, n_shards: int = 3,
+                    config: dict | None = None, tokens: list[str] = PUBLISHED_TOKENS) -> None:
     """HF `save_pretrained` files: `pytorch_model-0000k-of-0000n.bin` + `pytorch_model.bin.index.json`
     (transformers 4.31's default) or `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`."""
     folder.mkdir(parents=True, exist_ok=True)
-    llama_tokenizer(folder)
-    (folder / "config.json").write_text(json.dumps(published_config(vocab)))
+    llama_tokenizer(folder, tokens)
+    (folder / "config.json").write_text(json.dumps(config or published_config(vocab)))
     keys = list(sd)
     chunks = [keys[i::n_shards] for i in range(n_shards)]
     weight_map = {}
@@ -335,3 +336,36 @@ def test_unsafe_bin_shard_is_refused(fixture: dict, tmp_path: Path) -> None:
     torch.save({"model.norm.weight": torch.ones(H), "evil": Path("x")}, shard)  # a pickled object, not a tensor
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         published_to_medplib(folder, tmp_path / "out", base=fixture["cfg"], log=lambda s: None)
+
+
+def test_llava_folder_converts_as_a_stage_one_start(fixture: dict, tmp_path: Path) -> None:
+    """LLaVA-1.5's layout (LLaMA + `model.mm_projector`, CLIP loaded separately, a plain LLaMA tokenizer) with
+    SAM-Med2D from its own checkpoint: the published stage I starting point."""
+    cfg, ref = fixture["cfg"], fixture["ref"]
+    vocab = llama_tokenizer(tmp_path / "tok", [])
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(**LLAMA, vocab_size=vocab, tie_word_embeddings=False)).eval()
+    sd = {**llama.state_dict(), **{f"model.{k}": v for k, v in ref.items() if k.startswith("mm_projector.")}}
+    config = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", **LLAMA, "vocab_size": vocab,
+              "mm_hidden_size": DV, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_use_im_start_end": False}
+    write_published(tmp_path / "llava", sd, vocab, "bin", n_shards=2, config=config, tokens=[])
+    ref["clip"].save_pretrained(str(tmp_path / "clip"))
+    torch.save({"model": ref["sam"]}, tmp_path / "sam-med2d_b.pth")
+    with pytest.raises(CheckpointError, match="--sam"):
+        published_to_medplib(tmp_path / "llava", tmp_path / "x", base=cfg, vision=tmp_path / "clip", log=lambda s: None)
+    published_to_medplib(tmp_path / "llava", tmp_path / "ours", base=cfg, vision=tmp_path / "clip",
+                         sam=tmp_path / "sam-med2d_b.pth", log=lambda s: None)
+
+    m = MedPLIB.from_pretrained(tmp_path / "ours")
+    assert m.config.moe.num_experts == 0 and not m.config.region.spatial
+    assert min(m.tokenizer.convert_tokens_to_ids([SEG, IMAGE])) >= vocab  # medplib's tokens come after LLaMA's
+    ids = torch.randint(3, vocab, (1, 10), generator=torch.Generator().manual_seed(8))
+    enc, dec = PixelEncoder(cfg.pixel).eval(), MaskDecoder(cfg.decoder).eval()
+    load_sam_checkpoint(tmp_path / "sam-med2d_b.pth", enc, dec)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(m.model.llm(input_ids=ids).logits[..., :vocab], llama(input_ids=ids).logits)
+        torch.testing.assert_close(m.model.pixel_encoder(pixels), enc(pixels))
+    emb = m.model.llm.get_input_embeddings().weight
+    torch.testing.assert_close(emb[vocab:], llama.model.embed_tokens.weight.mean(0).expand(len(emb) - vocab, -1))

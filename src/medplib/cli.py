@@ -67,8 +67,9 @@ def convert(
     config: Optional[Path] = typer.Option(None, help="medplib config.json for what the published config.json does "
                                           "not record (vision, SAM-Med2D, decoder widths; default: the paper preset)"),
     vision: Optional[Path] = typer.Option(None, help="HF CLIP folder, for checkpoints saved without the vision tower"),
-    sam: Optional[Path] = typer.Option(None, help="--to published: the SAM-Med2D checkpoint for the SAM parts "
-                                       "medplib does not keep (default: zeros)"),
+    sam: Optional[Path] = typer.Option(None, help="SAM-Med2D checkpoint: the SAM part of a LLaVA-1.5 / LLaVA-Med "
+                                       "folder (stage I start), or, --to published, the SAM parts medplib does not "
+                                       "keep (default: zeros)"),
     shard_gb: float = typer.Option(10.0, help="--to published: largest shard, GB"),
 ) -> None:
     """Convert weights between the published MedPLIB layout and a medplib model folder, streaming shard by shard."""
@@ -77,7 +78,7 @@ def convert(
 
     if to == "medplib":
         base = MedPLIBConfig.load(config) if config else None
-        published_to_medplib(src, out, base=base, vision=vision, log=typer.echo)
+        published_to_medplib(src, out, base=base, vision=vision, sam=sam, log=typer.echo)
     elif to == "published":
         medplib_to_published(src, out, sam=sam, max_shard_bytes=int(shard_gb * 2**30), log=typer.echo)
     else:

@@ -42,7 +42,8 @@ from torch import Tensor
 
 from medplib.config import MedPLIBConfig, preset
 from medplib.errors import CheckpointError
-from medplib.model.sam_checkpoint import _KEPT_PROMPT_ENCODER, _UNUSED_HYPERNET, read_state_dict
+from medplib.model.sam_checkpoint import (_KEPT_PROMPT_ENCODER, _UNUSED_HYPERNET, read_state_dict,
+                                          sam_state_dict_to_medplib)
 from medplib.model.summary import build_on_meta
 from medplib.tokenizer import SEG, load_tokenizer
 
@@ -222,6 +223,8 @@ _IOU_LAYER = re.compile(r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.(wei
 _EMBEDDINGS = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
 # SAM-Med2D's mask-prompt branch (mask_in_chans 16): the published layout keeps it, the [SEG] path never runs it.
 _MASK_IN_CHANS = 16
+_LLAVA_TYPES = ("llava", "llava_llama")
+_MEDPLIB_ONLY = ("model.visual_model.", "model.text_hidden_fcs.", "model.region_fea_adapter.")
 
 
 def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
@@ -388,13 +391,52 @@ def _meta_shapes(cfg: MedPLIBConfig, vocab: int) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_on_meta(cfg, vocab).state_dict().items()}
 
 
+class _Fresh:
+    """Tensors made here (a reader with the same interface): the parts a LLaVA folder lacks."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.sd = tensors
+
+    def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(k, v.dtype, tuple(v.shape)) for k, v in self.sd.items()]
+
+    def tensors(self) -> Iterator[tuple[str, Tensor]]:
+        return iter(self.sd.items())
+
+
+def _llava_missing_parts(cfg: MedPLIBConfig, vocab: int, sam: str | Path | None, dtype: torch.dtype) -> _Fresh:
+    """What a LLaVA-1.5 / LLaVA-Med folder (LLaMA, projector, maybe CLIP) lacks to be a stage I start:
+    SAM-Med2D from `sam` (through medplib's SAM loader map, positions resized to the config), and the
+    `[SEG]` projection and region encoder freshly initialised as the model initialises them."""
+    if sam is None:
+        raise CheckpointError("a LLaVA folder has no SAM part: pass the SAM-Med2D checkpoint with --sam")
+    enc, dec = sam_state_dict_to_medplib(read_state_dict(sam), cfg.pixel)
+    meta = build_on_meta(cfg, vocab)
+    torch.manual_seed(0)
+    fresh: dict[str, Tensor] = {}
+    for prefix in ("seg_proj", "region_encoder"):
+        module = getattr(meta, prefix).to_empty(device="cpu")
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()  # nn.Linear's own init, as at construction
+        fresh.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    fresh.update({f"pixel_encoder.{k}": v for k, v in enc.items()})
+    fresh.update({f"mask_decoder.{k}": v for k, v in dec.items()})
+    return _Fresh({k: v.to(dtype) for k, v in fresh.items()})
+
+
 def published_to_medplib(src: str | Path, out: str | Path, *, base: MedPLIBConfig | None = None,
-                         vision: str | Path | None = None, log: Callable[[str], None] = print) -> Conversion:
+                         vision: str | Path | None = None, sam: str | Path | None = None,
+                         log: Callable[[str], None] = print) -> Conversion:
     """A published MedPLIB folder (config.json, tokenizer, sharded weights) -> a medplib model folder.
 
     `base` gives what config.json does not record (vision tower, SAM-Med2D and decoder widths; default: the
     config stored by `medplib_to_published`, else the `paper` preset); `vision` is an HF CLIP folder for
-    checkpoints saved without their vision tower (e.g. clip-vit-large-patch14-336)."""
+    checkpoints saved without their vision tower (e.g. clip-vit-large-patch14-336).
+
+    A LLaVA-1.5 or (LLaMA-based) LLaVA-Med folder, the published stage I/II starting point, is the same
+    layout without the MedPLIB parts: it converts with `sam` (the SAM-Med2D checkpoint), and the `[SEG]`
+    projection and region encoder start fresh."""
     src, out = Path(src), Path(out)
     try:
         pub = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -409,6 +451,12 @@ def published_to_medplib(src: str | Path, out: str | Path, *, base: MedPLIBConfi
     vocab = _copy_tokenizer(src, staged, PUBLISHED_SEG, SEG)
     expected = _meta_shapes(cfg, vocab)
     entries_src = readers[0][0].entries()
+    llava = pub.get("model_type") in _LLAVA_TYPES and not any(k.startswith(_MEDPLIB_ONLY) for k, _, _ in entries_src)
+    if llava:
+        dtype = next((dt for k, dt, _ in entries_src if k == "model.embed_tokens.weight"), torch.float32)
+        readers.append((_llava_missing_parts(cfg, vocab, sam, dtype), "fresh"))
+    elif sam is not None:
+        raise CheckpointError(f"{src} has its own SAM part; --sam is for LLaVA folders")
     if vision is not None:
         if any(k.startswith("model.vision_tower.") for k, _, _ in entries_src):
             raise CheckpointError(f"{src} has its own vision tower; --vision would replace it")
@@ -418,6 +466,8 @@ def published_to_medplib(src: str | Path, out: str | Path, *, base: MedPLIBConfi
 
     def mapped(key: str, t: Tensor, origin: str) -> tuple[str | None, Tensor | str]:
         """(medplib name, tensor) or (None, why it is left out); (None, "") = unknown key."""
+        if origin == "fresh":
+            return key, t
         if origin == "vision":
             if _CLIP_TEXT.match(key):
                 return None, "CLIP text half (--vision folder)"
