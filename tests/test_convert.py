@@ -369,3 +369,14 @@ def test_llava_folder_converts_as_a_stage_one_start(fixture: dict, tmp_path: Pat
         torch.testing.assert_close(m.model.pixel_encoder(pixels), enc(pixels))
     emb = m.model.llm.get_input_embeddings().weight
     torch.testing.assert_close(emb[vocab:], llama.model.embed_tokens.weight.mean(0).expand(len(emb) - vocab, -1))
+
+
+def test_truncated_shard_is_a_clear_error(fixture: dict, safetensors_published: Path, tmp_path: Path) -> None:
+    index = json.loads((safetensors_published / "model.safetensors.index.json").read_text())
+    shard = safetensors_published / index["weight_map"]["model.norm.weight"]
+    shard.write_bytes(shard.read_bytes()[:-64])  # a download cut short
+    fixture["ref"]["clip"].save_pretrained(str(tmp_path / "clip"))
+    with pytest.raises(CheckpointError, match="do not match its shape|truncated"):
+        published_to_medplib(safetensors_published, tmp_path / "out", base=fixture["cfg"], vision=tmp_path / "clip",
+                             log=lambda s: None)
+    assert not list((tmp_path / "out").glob("model.safetensors*")), "no partial weights file"

@@ -13,8 +13,8 @@ The published layout is what `ShawnHuang497/MedPLIB` writes with HF `save_pretra
     model.layers.{i}.self_attn.rotary_emb.inv_freq                            transformers 4.31 buffers
 
 Shards (`*.safetensors` or `pytorch_model-*.bin`, with or without an index JSON) are read one tensor at a
-time (`.bin` shards memory-mapped, `weights_only=True`), and medplib's single `model.safetensors` is written
-as a stream, so a 7B conversion never holds the model in memory. Every key is either mapped or in a fixed
+time (safetensors by plain reads, `.bin` shards memory-mapped with `weights_only=True`), and medplib's
+single `model.safetensors` is written as a stream, so a 7B conversion never holds the model in memory. Every key is either mapped or in a fixed
 list of parts the `[SEG]` path does not use (SAM's point/box/mask prompt parts and multimask outputs 1-3,
 CLIP's text half, the rotary buffers, which are checked against the config); anything else, a missing key
 or a wrong shape is a CheckpointError that names the keys.
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from medplib.config import MedPLIBConfig, preset
@@ -100,14 +99,10 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.folder} has no weights: expected one of {_INDEXES + _SINGLE}")
             self.files, self._indexed = [single], None
 
-    def _open(self, path: Path) -> tuple[Any, list[str]]:
-        """A lazily read shard: safetensors through safe_open, `.bin` memory-mapped, never unpickling objects."""
+    def _open(self, path: Path) -> Any:
+        """A lazily read shard: safetensors tensor by tensor, `.bin` memory-mapped, never unpickling objects."""
         if path.suffix == ".safetensors":
-            try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
-            return handle, list(handle.keys())
+            return _SafetensorsFile(path)
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:
@@ -116,29 +111,23 @@ class CheckpointReader:
         except pickle.UnpicklingError as exc:
             raise CheckpointError(f"{path} cannot be loaded safely (it holds objects other than tensors): {exc}") \
                 from None
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict")
-        return sd, list(sd)
+        if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path} is not a state dict of tensors")
+        return _Loaded(sd)
 
     def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         out = []
         for path in self.files:
-            handle, keys = self._open(path)
-            for k in self._keys_of(path, keys):
-                if isinstance(handle, dict):
-                    out.append((k, handle[k].dtype, tuple(handle[k].shape)))
-                else:
-                    s = handle.get_slice(k)
-                    out.append((k, _ST_DTYPES[s.get_dtype()], tuple(s.get_shape())))
-            del handle
+            shard = self._open(path)
+            out += [(k, *shard.meta(k)) for k in self._keys_of(path, shard.keys())]
         return out
 
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
         for path in self.files:
-            handle, keys = self._open(path)
-            for k in self._keys_of(path, keys):
-                yield k, handle[k] if isinstance(handle, dict) else handle.get_tensor(k)
-            del handle
+            shard = self._open(path)
+            for k in self._keys_of(path, shard.keys()):
+                yield k, shard[k]
+            del shard
 
     def _keys_of(self, path: Path, keys: list[str]) -> list[str]:
         if self._indexed is None:
@@ -147,6 +136,57 @@ class CheckpointReader:
         if set(listed) - set(keys):
             raise CheckpointError(f"{path.name} lacks keys its index lists: {sorted(set(listed) - set(keys))[:_SHOWN]}")
         return listed
+
+
+class _SafetensorsFile:
+    """A safetensors file read one tensor at a time with plain reads. (safe_open memory-maps the whole
+    file, and every page it touches stays resident until the file is closed: converting a single-file
+    model would hold all of it.)"""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self.header = {k: (_ST_DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
+                           for k, v in header.items()}
+        except (OSError, struct.error, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot read {path} as safetensors: {exc!r}") from None
+        self.start = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.header[key][:2]
+
+    def __getitem__(self, key: str) -> Tensor:
+        dtype, shape, (a, b) = self.header[key]
+        buf = bytearray(b - a)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + a)
+            got = f.readinto(buf)
+        if got != b - a or b - a != torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size():
+            raise CheckpointError(f"{self.path}: the bytes of {key} do not match its shape {shape} (truncated file?)")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+
+
+class _Loaded:
+    """A `.bin` state dict with the same interface."""
+
+    def __init__(self, sd: dict[str, Tensor]):
+        self.sd = sd
+
+    def keys(self) -> list[str]:
+        return list(self.sd)
+
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.sd[key].dtype, tuple(self.sd[key].shape)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.sd[key]
 
 
 def _read_bin(path: Path) -> dict[str, Any]:
@@ -172,12 +212,16 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for (name, dtype, shape), (got, t) in zip(entries, tensors, strict=True):
-            if got != name or t.dtype != dtype or tuple(t.shape) != shape:
-                raise CheckpointError(f"internal order mismatch writing {path.name}: {got} for {name}")
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for (name, dtype, shape), (got, t) in zip(entries, tensors, strict=True):
+                if got != name or t.dtype != dtype or tuple(t.shape) != shape:
+                    raise CheckpointError(f"internal order mismatch writing {path.name}: {got} for {name}")
+                f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a source that fails mid-way leaves no partial file
+        raise
     tmp.replace(path)
 
 
