@@ -1,9 +1,10 @@
 """The FastAPI app: OpenAI-compatible chat completions (plain and streamed), segmentation, model
 list, health, an image preview for the web page, and the web page itself at `/`.
 
-Every request is checked (API key, body bytes, image pixels, schema, regions) before it is queued,
-so bad input costs no model time and gets a 4xx JSON error; the model runs on one thread behind a
-bounded queue (`worker.py`)."""
+Every request is checked (API key, body bytes, schema, prompt length in characters, messages,
+regions and tokens, image format and pixels, regions) before it is queued, so bad input costs no
+model time and gets a 4xx JSON error; the model runs on one thread behind a bounded queue
+(`worker.py`). The OpenAPI schema at `/openapi.json` describes every request body."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from medplib.data.schema import REGION_TOKEN, Region, Turn
 from medplib.errors import InputError, MedplibError
 from medplib.inference import SEGMENT_TEMPLATE, Prediction, Predictor, with_placeholders
 from medplib.serving import schemas
-from medplib.serving.errors import Unauthorized, UnknownModel, error_body, status_of
-from medplib.serving.inputs import decode_data_url, decode_image, parse_regions, read_body
+from medplib.serving.errors import ClientClosed, PromptTooLong, Unauthorized, UnknownModel, error_body, status_of
+from medplib.serving.inputs import decode_data_url, decode_image, read_body, region_arrays
 from medplib.serving.worker import ModelWorker
 
 STATIC = Path(__file__).parent / "static"
@@ -50,6 +51,10 @@ class ServerSettings:
     max_image_pixels: int = 4096 * 4096
     queue_size: int = 32
     max_new_tokens: int | None = None  # a cap on what a request may ask for
+    # Prompt limits, checked before tokenising; the model's context is checked on the tokens after.
+    max_prompt_chars: int = 32_000  # characters over every message's text
+    max_messages: int = 64
+    max_regions: int = 16
 
 
 @dataclass
@@ -135,16 +140,39 @@ class Server:
         limit = self.settings.max_new_tokens
         return min(x for x in (asked, limit) if x is not None) if (asked or limit) else None
 
-    def job(self, image_url: str, question: str, region_objs: list[dict[str, Any]], history: list[Turn],
+    def check_prompt(self, question: str, history: list[Turn], regions: list[Region]) -> None:
+        """The prompt limits, cheapest first: a prompt past them never reaches the tokenizer or the
+        model, so it costs neither model time nor the model's memory for a huge sequence."""
+        s = self.settings
+        if len(history) + 1 > s.max_messages:
+            raise PromptTooLong(f"the conversation has {len(history) + 1} messages, over the limit of {s.max_messages}")
+        chars = len(question) + sum(len(t.content) for t in history)
+        if chars > s.max_prompt_chars:
+            raise PromptTooLong(f"the conversation has {chars} characters, over the limit of {s.max_prompt_chars}")
+        if len(regions) > s.max_regions:
+            raise PromptTooLong(f"{len(regions)} regions are over the limit of {s.max_regions}")
+
+    def check_context(self, question: str, history: list[Turn]) -> None:
+        """The prompt's tokens (image tokens included) must leave room for one answer token."""
+        model = self.predictor.model
+        ids, _ = model.processor.encode_conversation([*history, Turn(role="user", content=question)],
+                                                     add_generation_prompt=True)  # raises past model_max_length
+        context = getattr(model.model.llm.config, "max_position_embeddings", None)
+        if context is not None and len(ids) >= context:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens and fills the model's context of {context}")
+
+    def job(self, image_url: str, question: str, regions: list[Region], history: list[Turn],
             max_new_tokens: int | None, temperature: float) -> Job:
         """Decode and validate everything a request carries (runs off the event loop)."""
-        rgb = decode_image(decode_data_url(image_url), self.settings.max_image_pixels)
-        hw = (int(rgb.shape[0]), int(rgb.shape[1]))
-        regions, arrays = parse_regions(region_objs, hw)
+        self.check_prompt(question, history, regions)
         question = with_placeholders(question, len(regions), history)
         written = question.count(REGION_TOKEN) + sum(t.content.count(REGION_TOKEN) for t in history if t.role == "user")
         if written != len(regions):
             raise InputError(f"the conversation has {written} {REGION_TOKEN} placeholders but {len(regions)} regions were given")
+        self.check_context(question, history)
+        rgb = decode_image(decode_data_url(image_url), self.settings.max_image_pixels)
+        hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+        arrays = region_arrays(regions, hw)
         for region, array in zip(regions, arrays):
             self.predictor.model.processor.rasterize_region(region, hw, array)  # raises for a region outside the image
         return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature)
@@ -160,6 +188,8 @@ class Server:
         self.authorize(request)
         req = _parse(schemas.ChatRequest, await read_body(request, self.settings.max_upload_bytes))
         self.check_model(req.model)
+        if len(req.messages) > self.settings.max_messages:  # system messages count: they are parsed too
+            raise PromptTooLong(f"{len(req.messages)} messages are over the limit of {self.settings.max_messages}")
         history, question, url = chat_turns(req.messages)
         job = await run_in_threadpool(self.job, url, question, req.medplib.regions, history,
                                       req.max_completion_tokens or req.max_tokens, req.temperature or 0.0)
@@ -224,7 +254,8 @@ class Server:
                              "text": pred.text, **schemas.extension(pred, req.return_png)})
 
     async def preview(self, request: Request) -> JSONResponse:
-        """The image as the model will see it, as PNG (browsers cannot show DICOM or most TIFFs)."""
+        """The image as the model will see it: JSON with its size and a base64 PNG (browsers cannot
+        show DICOM or most TIFFs)."""
         self.authorize(request)
         req = _parse(schemas.PreviewRequest, await read_body(request, self.settings.max_upload_bytes))
         rgb = await run_in_threadpool(lambda: decode_image(decode_data_url(req.image), self.settings.max_image_pixels))
@@ -256,12 +287,20 @@ def create_app(predictor: Predictor, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="medplib", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:  # FastAPI's document (built once, then cached) plus the request bodies
+        return app.openapi_schema or schemas.openapi_bodies(fastapi_openapi())
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(MedplibError)
     async def _medplib_error(request: Request, exc: MedplibError) -> JSONResponse:
         status, code = status_of(exc)
         if status >= 500:
             log.error("request failed", exc_info=exc)
+        elif isinstance(exc, ClientClosed):  # the client's choice, not a failure: one line, no traceback
+            log.info("%s %s: %s", request.method, request.url.path, exc)
         return _error(status, str(exc), code)
 
     @app.exception_handler(RequestValidationError)

@@ -128,6 +128,9 @@ def serve(
     max_image_pixels: int = typer.Option(4096 * 4096, help="largest image, width x height (413 beyond)"),
     queue_size: int = typer.Option(32, help="requests that may wait for the model (429 beyond)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="cap on answer length"),
+    max_prompt_chars: int = typer.Option(32_000, help="largest conversation text, in characters (400 beyond)"),
+    max_messages: int = typer.Option(64, help="most messages in a conversation (400 beyond)"),
+    max_regions: int = typer.Option(16, help="most region prompts in a request (400 beyond)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat API, /v1/segment and a web page at /."""
@@ -140,6 +143,7 @@ def serve(
         raise InputError(f"{model} is not a medplib model folder (needs config.json)")
     settings = ServerSettings(model_name=model_name or model.resolve().name, api_key=api_key,
                               max_upload_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
-                              queue_size=queue_size, max_new_tokens=max_new_tokens)
+                              queue_size=queue_size, max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars,
+                              max_messages=max_messages, max_regions=max_regions)
     typer.echo(f"serving {settings.model_name} on http://{host}:{port}/ (API at /v1, web page at /)", err=True)
     run_server(model, host=host, port=port, device=device, settings=settings)

@@ -20,14 +20,24 @@ class UnknownModel(InputError):
     """A request that names a model this server does not serve."""
 
 
+class PromptTooLong(InputError):
+    """A prompt over the server's limits (characters, messages, regions) or the model's context."""
+
+
+class ClientClosed(MedplibError):
+    """The client went away before its request body arrived; nobody is left to answer."""
+
+
 class QueueFull(MedplibError):
     """The request queue in front of the model is full; the client should retry later."""
 
 
-# Most specific first: PayloadTooLarge and UnknownModel are InputErrors too.
+# Most specific first: PayloadTooLarge, UnknownModel and PromptTooLong are InputErrors too.
 _STATUS: list[tuple[type[MedplibError], int, str]] = [
     (PayloadTooLarge, 413, "payload_too_large"),
     (UnknownModel, 404, "model_not_found"),
+    (PromptTooLong, 400, "context_length_exceeded"),  # OpenAI's code for a prompt over the context
+    (ClientClosed, 499, "client_closed_request"),  # nginx's status for the same event
     (Unauthorized, 401, "invalid_api_key"),
     (QueueFull, 429, "queue_full"),
     (DataValidationError, 400, "invalid_request_error"),

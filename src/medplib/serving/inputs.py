@@ -1,5 +1,5 @@
 """Turning request inputs into model inputs, with limits: bodies (bytes), data URLs (base64),
-images (pixels; PNG/JPG/TIFF/DICOM) and region prompts (the schema's Region objects)."""
+images (pixels; PNG, JPEG, TIFF and DICOM only) and region prompts (the schema's Region objects)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,27 @@ import io
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from pydantic import TypeAdapter, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from medplib.data.images import read_image
 from medplib.data.masks import rle_decode
 from medplib.data.schema import RLE, MaskRegion, Region
 from medplib.errors import InputError
-from medplib.serving.errors import PayloadTooLarge
+from medplib.serving.errors import ClientClosed, PayloadTooLarge
 
 _DATA_URL = re.compile(r"^data:([\w.+/-]*)(;[\w=.+-]+)*;base64,", re.IGNORECASE)
-_REGION = TypeAdapter(Region)
+# What docs/SERVING.md promises, besides DICOM. Pillow opens many more (GIF, BMP, WebP, ICO, TGA, ...);
+# they are refused so the accepted set stays the documented one. MPO is how Pillow names a camera JPEG.
+_FORMATS = {"PNG", "JPEG", "MPO", "TIFF"}
+_NOT_AN_IMAGE = "image is not a readable PNG, JPEG, TIFF or DICOM file"
+# COCO's compressed RLE string: 5 bits a character, characters 'P'..'o' carry the "more" bit. 13 of
+# them in a row make a number over 2^64, more than any image's run, and decoding one that long
+# costs quadratic time (each character shifts a growing integer): refused before decoding.
+_RLE_RUNAWAY = re.compile(r"[P-o]{13,}")
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -32,11 +38,14 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {max_bytes}")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:
-            raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosed(f"the client disconnected after {total} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -71,11 +80,14 @@ def _header_size(data: bytes, dicom: bool) -> tuple[int, int]:
             raise InputError(f"cannot read DICOM header ({exc})") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.width, im.height
+            fmt, size = im.format, (im.width, im.height)
     except Image.DecompressionBombError as exc:
         raise PayloadTooLarge(f"image is too large ({exc})") from None
     except Exception:  # noqa: BLE001 - Pillow raises many types on corrupt files
-        raise InputError("image is not a readable PNG, JPEG, TIFF or DICOM file") from None
+        raise InputError(_NOT_AN_IMAGE) from None
+    if fmt not in _FORMATS:
+        raise InputError(f"{fmt} images are not accepted: send a PNG, JPEG, TIFF or DICOM file")
+    return size
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -88,31 +100,36 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="medplib-") as folder:
         path = Path(folder) / ("upload.dcm" if dicom else "upload.img")
         path.write_bytes(data)
-        rgb = read_image(path).rgb
+        try:
+            rgb = read_image(path).rgb
+        except InputError as exc:  # the reader names its file: keep the server's paths out of the reply
+            raise InputError(str(exc).replace(f"{path}: ", "").replace(str(path), "the image")) from None
+    # A header that disagrees with the pixel data (a DICOM with Rows=Columns=1 over a 128x128 slice)
+    # decodes to extra axes: refuse it here rather than fail later on a shape nothing can draw.
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or 0 in rgb.shape:
+        raise InputError(f"{_NOT_AN_IMAGE} (it decodes to {rgb.dtype} {tuple(rgb.shape)}, not (H, W, 3) uint8)")
     if rgb.shape[0] * rgb.shape[1] > max_pixels:
         raise PayloadTooLarge(f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels is over the limit of {max_pixels}")
     return rgb
 
 
-def parse_regions(objs: Sequence[Any], hw: tuple[int, int]) -> tuple[list[Region], list[np.ndarray | None]]:
-    """JSON region objects -> (regions, loaded mask arrays). Mask regions must carry a COCO RLE
-    of the image's size: a path would let a client read the server's files."""
-    regions: list[Region] = []
+def region_arrays(regions: Sequence[Region], hw: tuple[int, int]) -> list[np.ndarray | None]:
+    """Validated regions (the request schema's) -> their loaded mask arrays, None for other kinds.
+    Mask regions must carry a COCO RLE of the image's size: a path would let a client read the
+    server's files."""
     arrays: list[np.ndarray | None] = []
-    for i, obj in enumerate(objs):
-        try:
-            region = _REGION.validate_python(obj)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise InputError(f"regions[{i}]: {first['msg']}" + (f" (field '{where}')" if where else "")) from None
+    for i, region in enumerate(regions):
         array = None
         if isinstance(region, MaskRegion):
             if not isinstance(region.mask, RLE):
                 raise InputError(f"regions[{i}]: a mask region must be a COCO RLE {{'size': [h, w], 'counts': ...}}")
             if tuple(region.mask.size) != tuple(hw):
                 raise InputError(f"regions[{i}]: mask size {list(region.mask.size)} differs from the image's {list(hw)}")
-            array = rle_decode(region.mask)
-        regions.append(region)
+            if isinstance(region.mask.counts, str) and _RLE_RUNAWAY.search(region.mask.counts):
+                raise InputError(f"regions[{i}]: the RLE string has a run length over 2^64")
+            try:
+                array = rle_decode(region.mask)
+            except InputError as exc:
+                raise InputError(f"regions[{i}]: {exc}") from None
         arrays.append(array)
-    return regions, arrays
+    return arrays

@@ -16,8 +16,10 @@ from typing import Any, Literal, Union
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 
 from medplib.data.masks import rle_encode
+from medplib.data.schema import Region
 from medplib.inference import Prediction
 
 
@@ -45,7 +47,7 @@ class Message(_Lenient):
 
 
 class MedplibOptions(_Strict):
-    regions: list[dict[str, Any]] = Field(default_factory=list)  # schema Region objects, original pixels
+    regions: list[Region] = Field(default_factory=list)  # original pixels; a mask only as a COCO RLE
     return_png: bool = True  # masks as PNG base64 beside the RLE
 
 
@@ -60,22 +62,40 @@ class ChatRequest(_Lenient):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: greedy, as in evaluation
+    # None, 0 or below 1e-4 (where sampling is greedy but for ties, and overflows): greedy, as in evaluation
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     medplib: MedplibOptions = Field(default_factory=MedplibOptions)
 
 
 class SegmentRequest(_Strict):
-    image: str  # data URL or bare base64 of a PNG/JPG/TIFF/DICOM file
+    image: str  # data URL or bare base64 of a PNG/JPEG/TIFF/DICOM file
     model: str | None = None
     target: str | None = None  # asks "Please segment the {target}."
     question: str | None = None  # or any question (one of target / question)
-    regions: list[dict[str, Any]] = Field(default_factory=list)
+    regions: list[Region] = Field(default_factory=list)
     max_tokens: int | None = Field(default=None, ge=1)
     return_png: bool = True
 
 
 class PreviewRequest(_Strict):
-    image: str
+    image: str  # as SegmentRequest.image
+
+
+# The request body of each POST route. The routes read their bodies themselves (byte limit first,
+# then validation), so FastAPI cannot see these models: `openapi_bodies` puts them in the schema.
+REQUEST_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatRequest, "/v1/segment": SegmentRequest, "/v1/preview": PreviewRequest}
+
+
+def openapi_bodies(doc: dict[str, Any]) -> dict[str, Any]:
+    """Add REQUEST_BODIES to an OpenAPI document (FastAPI's `app.openapi()` output), in place."""
+    refs, defs = models_json_schema([(m, "validation") for m in REQUEST_BODIES.values()],
+                                    ref_template="#/components/schemas/{model}")
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    for path, model in REQUEST_BODIES.items():
+        doc["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": refs[(model, "validation")]}}}
+    return doc
 
 
 def png_base64(array: np.ndarray) -> str:
