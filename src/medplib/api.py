@@ -70,10 +70,9 @@ class MedPLIB:
         # Weights now live in this folder: drop the paths to the parts they came from.
         cfg["vision"]["pretrained"] = cfg["llm"]["pretrained"] = cfg["pixel"]["checkpoint"] = None
         cfg["tokenizer"]["path"] = cfg["tokenizer"]["corpus"] = None  # the trained tokenizer is saved below
-        cfg["llm"]["hf"] = {k: v for k, v in self.model.llm.config.to_diff_dict().items()
-                            if k not in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype")}
-        cfg["vision"]["hf"] = {k: v for k, v in self.model.vision.model.config.to_diff_dict().items()
-                               if k not in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype")}
+        cfg["llm"]["hf"] = _architecture(self.model.llm.config)
+        if hasattr(self.model.vision.model, "config"):  # a transformers tower; the CNN's config is its kind
+            cfg["vision"]["hf"] = _architecture(self.model.vision.model.config)
         tmp = folder / (WEIGHTS + ".tmp")
         save_model(self.model, str(tmp))
         tmp.replace(folder / WEIGHTS)
@@ -175,5 +174,16 @@ class MedPLIB:
         )
 
 
+# Keys of a transformers config that describe where weights came from or how they were stored, not the network.
+_NOT_ARCHITECTURE = ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype",
+                     "quantization_config", "_name_or_path", "_model_name_or_path")
+
+
+def _architecture(hf_config: Any) -> dict[str, Any]:
+    return {k: v for k, v in hf_config.to_diff_dict().items() if k not in _NOT_ARCHITECTURE}
+
+
 def _is_tied(model: torch.nn.Module, key: str) -> bool:
-    return key.endswith("lm_head.weight") and bool(getattr(model.llm.config, "tie_word_embeddings", False))
+    # safetensors keeps one name of a tied pair, which may be either the input or the output embedding.
+    tied = bool(getattr(model.llm.config, "tie_word_embeddings", False))
+    return tied and key.endswith(("lm_head.weight", "embed_tokens.weight"))

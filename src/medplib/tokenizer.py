@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from medplib.config import VICUNA_SYSTEM, TokenizerConfig
 from medplib.errors import CheckpointError, ConfigError
+from medplib.model import packaged
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 IMAGE, IM_START, IM_END = "<image>", "<im_start>", "<im_end>"
@@ -108,18 +109,23 @@ def train_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer folder (a model folder or the LLM's own) and make sure medplib's special
-    tokens exist as single ids. The caller resizes the LLM embeddings if tokens were added."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"tokenizer folder not found: {path}")
+    """Load a tokenizer folder (a model folder or the LLM's own) or the tokenizer inside a GGUF file
+    (`package:file.gguf` allowed), and make sure medplib's special tokens exist as single ids. The
+    caller resizes the LLM embeddings if tokens were added."""
+    resolved = packaged.resolve(str(path))
+    is_gguf = resolved.suffix == ".gguf"
+    if not is_gguf and not resolved.is_dir():
+        raise CheckpointError(f"tokenizer folder not found: {resolved}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
+        if is_gguf:
+            tok = AutoTokenizer.from_pretrained(str(resolved.parent), gguf_file=resolved.name, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(resolved), local_files_only=True)
+    except (OSError, ValueError, ImportError) as exc:
         raise CheckpointError(f"cannot load tokenizer from {path}: {exc}") from None
     missing = [t for t in EXTRA_SPECIAL if t not in tok.get_vocab()]
     if missing:
-        tok.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     if tok.pad_token is None:
         # LLaMA tokenizers have no pad token; LLaVA uses unk for padding.
         tok.pad_token = tok.unk_token or tok.eos_token

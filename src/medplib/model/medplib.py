@@ -19,10 +19,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from medplib.config import MedPLIBConfig
 from medplib.errors import CheckpointError, InputError
+from medplib.model import packaged
+from medplib.model.efficientnet import load_imagenet
 from medplib.model.losses import bce_loss, dice_loss, focal_loss, soft_iou
 from medplib.model.mask_decoder import MaskDecoder, postprocess_masks
+from medplib.model.pixel_cnn import CNNPixelEncoder
 from medplib.model.pixel_encoder import PixelEncoder
 from medplib.model.regions import RegionEncoder
+from medplib.model.sam_checkpoint import load_sam_checkpoint
 from medplib.model.vision import VisionTower, build_projector
 
 IGNORE_INDEX = -100
@@ -73,20 +77,58 @@ class GenerationOutput:
     scores: list[float]  # the decoder's predicted IoU per mask
 
 
+def _load_pretrained_llm(spec: str) -> nn.Module:
+    """A transformers causal-LM folder or a GGUF file (dequantised to float32 by transformers)."""
+    path = packaged.resolve(spec)
+    try:
+        if path.suffix == ".gguf":
+            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, ImportError) as exc:
+        raise CheckpointError(f"cannot load the LLM from {spec}: {exc}") from None
+
+
+def _grow_embeddings(llm: nn.Module, vocab_size: int) -> None:
+    """Add rows for medplib's special tokens. New rows start at the mean of the pretrained rows: a token
+    the LLM has never seen then sits where an average word sits, neither dominating the logits nor vanishing."""
+    old = llm.get_input_embeddings().num_embeddings
+    if old >= vocab_size:
+        return
+    llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
+            emb.weight[old:] = emb.weight[:old].mean(dim=0)
+
+
 def _build_llm(cfg: MedPLIBConfig, vocab_size: int, ids: SpecialIds) -> nn.Module:
     if cfg.llm.pretrained:
-        try:
-            llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, local_files_only=True)
-        except OSError as exc:
-            raise CheckpointError(f"cannot load the LLM from {cfg.llm.pretrained}: {exc}") from None
-        if llm.get_input_embeddings().num_embeddings < vocab_size:
-            llm.resize_token_embeddings(vocab_size)
+        llm = _load_pretrained_llm(cfg.llm.pretrained)
+        _grow_embeddings(llm, vocab_size)
+        # The pad id is medplib's (the collator pads with it); GGUF configs may carry quantisation notes.
+        llm.config.pad_token_id = ids.pad
+        llm.config.quantization_config = None
     else:
         hf = dict(cfg.llm.hf, vocab_size=vocab_size, pad_token_id=ids.pad, eos_token_id=ids.eos)
         llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.llm.kind, **hf))
     if cfg.llm.freeze:
         llm.requires_grad_(False)
     return llm
+
+
+def _build_pixel_parts(cfg: MedPLIBConfig) -> tuple[nn.Module, MaskDecoder]:
+    """The pixel encoder and the mask decoder, with `pixel.checkpoint` loaded into them when set."""
+    decoder = MaskDecoder(cfg.decoder)
+    if cfg.pixel.kind == "efficientnet":
+        encoder: nn.Module = CNNPixelEncoder(cfg.pixel)
+        if cfg.pixel.checkpoint:
+            load_imagenet(encoder.backbone, packaged.resolve(cfg.pixel.checkpoint))
+    else:
+        encoder = PixelEncoder(cfg.pixel)
+        if cfg.pixel.checkpoint:
+            load_sam_checkpoint(packaged.resolve(cfg.pixel.checkpoint), encoder, decoder)
+    if cfg.pixel.freeze:
+        encoder.requires_grad_(False)
+    return encoder, decoder
 
 
 class MedPLIBModel(nn.Module):
@@ -98,10 +140,7 @@ class MedPLIBModel(nn.Module):
         hidden = self.llm.config.hidden_size
         self.projector = build_projector(cfg.projector, self.vision.hidden_size, hidden)
         self.region_encoder = RegionEncoder(self.vision.hidden_size, hidden, cfg.region.max_points, cfg.region.spatial)
-        self.pixel_encoder = PixelEncoder(cfg.pixel)
-        if cfg.pixel.freeze:
-            self.pixel_encoder.requires_grad_(False)
-        self.mask_decoder = MaskDecoder(cfg.decoder)
+        self.pixel_encoder, self.mask_decoder = _build_pixel_parts(cfg)
         # Published: Linear(H, H), ReLU, Linear(H, 256) on the hidden state that predicts [SEG].
         self.seg_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.decoder.transformer_dim))
         if cfg.moe.num_experts:

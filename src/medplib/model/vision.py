@@ -1,4 +1,4 @@
-"""Vision tower (CLIP or SigLIP from transformers) and the projector into the LLM width."""
+"""Vision tower (CLIP or SigLIP from transformers, or the EfficientNet-Lite0 CNN) and the projector into the LLM width."""
 
 from __future__ import annotations
 
@@ -8,16 +8,27 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 
 from medplib.config import VisionConfig
 from medplib.errors import CheckpointError
+from medplib.model import packaged
+from medplib.model.efficientnet import HEAD_CHANNELS, EfficientNetLite0, load_imagenet
 
 _TOWERS = {"clip": (CLIPVisionConfig, CLIPVisionModel), "siglip": (SiglipVisionConfig, SiglipVisionModel)}
 
 
 class VisionTower(nn.Module):
-    """Patch features of one hidden layer (published: the second-to-last), CLS dropped for CLIP."""
+    """Patch features of one hidden layer (published: the second-to-last), CLS dropped for CLIP; for the CNN,
+    the head map at stride 32 (7 x 7 tokens of 1280 channels at 224 px)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.kind == "efficientnet":
+            self.model = EfficientNetLite0()
+            if cfg.pretrained:
+                load_imagenet(self.model, packaged.resolve(cfg.pretrained))
+            self.hidden_size = HEAD_CHANNELS
+            if cfg.freeze:
+                self.model.requires_grad_(False)
+            return
         config_cls, model_cls = _TOWERS[cfg.kind]
         if cfg.pretrained:
             try:
@@ -32,6 +43,8 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised -> (B, grid*grid, D) patch features."""
+        if self.cfg.kind == "efficientnet":
+            return self.model(pixels).head.flatten(2).transpose(1, 2)
         out = self.model(pixel_values=pixels.to(self.model.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.cfg.select_layer]
         return feats[:, 1:] if self.cfg.kind == "clip" and self.cfg.drop_cls else feats

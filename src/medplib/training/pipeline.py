@@ -17,7 +17,11 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 import medplib
+from medplib.config import MedPLIBConfig
+from medplib.config import preset as get_preset
 from medplib.training.loop import MODEL_DIR, train
 from medplib.training.recipe import RecipeError, load_recipe
 
@@ -25,13 +29,27 @@ STAGES = ("stage1_alignment", "stage2_vl_expert", "stage3_pg_expert", "stage4_mo
 
 # Parts trained in full per stage when the preset has no pretrained weights.
 SCRATCH_UNFREEZE = {
-    "stage1_alignment": "[vision,llm]",
-    "stage2_vl_expert": "[vision,llm,region_encoder]",
-    "stage3_pg_expert": "[pixel_encoder]",
+    "stage1_alignment": ["vision", "llm"],
+    "stage2_vl_expert": ["vision", "llm", "region_encoder"],
+    "stage3_pg_expert": ["pixel_encoder"],
     # Nothing: by stage IV both towers are trained (I-II, III). Training them again on the mixed-task
     # batch, where grounding is a third of the samples, cost Kvasir-SEG grounding 0.04 mDice (docs/BENCHMARKS.md).
-    "stage4_moe": "[]",
+    "stage4_moe": [],
 }
+
+
+def unfreeze_for(stage: str, cfg: MedPLIBConfig) -> list[str]:
+    """Parts a stage trains beyond its recipe's published set: those that start at random and that the
+    stage exercises. A part with pretrained weights keeps the published choice (frozen, or LoRA)."""
+    random_part = {
+        "vision": not cfg.vision.pretrained,
+        "llm": not cfg.llm.pretrained,
+        # Published: first trained in stage IV, though stage II already asks region questions.
+        "region_encoder": True,
+        # The CNN pixel encoder's FPN neck is new even when its backbone is pretrained.
+        "pixel_encoder": not cfg.pixel.checkpoint or cfg.pixel.kind == "efficientnet",
+    }
+    return [p for p in SCRATCH_UNFREEZE[stage] if random_part[p]]
 
 
 def default_recipes_dir() -> Path:
@@ -52,7 +70,7 @@ def parse_stage_overrides(items: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def stage_overrides(stage: str, preset: str, data: Path, run: Path, scratch: bool) -> list[str]:
+def stage_overrides(stage: str, preset: str, data: Path, run: Path, cfg: MedPLIBConfig) -> list[str]:
     """The overrides that place one stage of a pipeline run."""
     d = lambda i: str(run / f"stage{i}" / MODEL_DIR)  # noqa: E731
     out = [f"data.dir={data}", f"output_dir={run / stage.split('_')[0]}"]
@@ -64,8 +82,9 @@ def stage_overrides(stage: str, preset: str, data: Path, run: Path, scratch: boo
         out += [f"model.path={d(2)}"]
     else:
         out += [f"model.path={d(2)}", f"upcycle.experts=[{d(3)},{d(2)}]"]
-    if scratch:
-        out += [f"unfreeze={SCRATCH_UNFREEZE[stage]}", "train.mixed_precision=fp32"]
+    out.append(f"unfreeze=[{','.join(unfreeze_for(stage, cfg))}]")
+    if not torch.cuda.is_available():
+        out.append("train.mixed_precision=fp32")  # bf16 autocast on a CPU is slower and loses precision
     return out
 
 
@@ -81,19 +100,16 @@ def run_pipeline(
     every stage (after the placement overrides). stage_extra: more overrides for one stage."""
     from accelerate import PartialState
 
-    from medplib.config import preset as get_preset
-
     recipes = recipes or default_recipes_dir()
     if steps is not None and len(steps) != len(STAGES):
         raise RecipeError(f"give {len(STAGES)} step counts (one per stage), got {len(steps)}")
     cfg = get_preset(preset)
-    scratch = not (cfg.llm.pretrained or cfg.vision.pretrained or cfg.pixel.checkpoint)
     run = Path(run)
     for k, stage in enumerate(STAGES):
         path = recipes / f"{stage}.yaml"
         if not path.is_file():
             raise RecipeError(f"recipe {path} not found (pass the recipes folder)")
-        extra = [*stage_overrides(stage, preset, Path(data), run, scratch), *overrides,
+        extra = [*stage_overrides(stage, preset, Path(data), run, cfg), *overrides,
                  *(stage_extra or {}).get(stage, ())]
         if steps is not None:
             extra.append(f"train.steps={steps[k]}")
