@@ -6,7 +6,7 @@ to the published layout (safetensors shards) and back, each in its own process, 
 reads every shard into one dict and saves it (what a converter without streaming does). Each process
 reports its own peak resident memory; `imports` is the floor every process pays for torch and transformers.
 
-    python benchmarks/bench_convert.py --out /tmp/bench_convert --llm-layers 2 --vision-layers 4
+    python benchmarks/bench_convert.py --out runs/bench_convert --llm-layers 2 --vision-layers 4
 """
 
 from __future__ import annotations
