@@ -3,7 +3,11 @@ measured side by side in one process (interleaved, median of repeats). Prints JS
 
 The paper's claim: at inference one expert runs per token, so the MoE model costs what the dense
 model costs. Both models decode exactly `--tokens` tokens (end-of-sequence is disabled), with the
-KV cache, greedy.
+KV cache, greedy. The MoE model runs twice: with the decoding step's expert read on the host (the
+default) and sync-free (`set_sync_free`: every expert runs, the chosen output is selected on the
+device). A second measurement times one MoE layer's decoding step three ways: host-routed,
+sync-free select, and sync-free gather (both experts' weights stacked once, the chosen one taken
+with index_select, the alternative the module docstring names; it lives only here).
 
     python benchmarks/bench_moe.py --preset small --tokens 32 --repeats 7
     python benchmarks/bench_moe.py --paper-width --layers 2   # LLM layers of the published width
@@ -21,12 +25,15 @@ import dataclasses
 import json
 import statistics
 import time
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from medplib.api import MedPLIB
 from medplib.data.phantoms import make_phantom
-from medplib.model.moe import moe_layers
+from medplib.model.moe import MoEMLP, moe_layers, set_sync_free
 from medplib.training.build import upcycle
 from medplib.training.recipe import UpcycleSection
 
@@ -36,6 +43,46 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _never_stop(m: MedPLIB) -> None:
     m.model.ids = dataclasses.replace(m.model.ids, eos=-1)
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+    """Median over `repeats` of the mean seconds of `inner` calls, `inner` sized to ~0.1 s."""
+    start = time.perf_counter()
+    fn()
+    inner = max(1, min(50, round(0.1 / max(time.perf_counter() - start, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def layer_step(layer: MoEMLP, x: Tensor, repeats: int) -> dict[str, float]:
+    """One decoding step (x: (1, 1, H)) of one MoE layer: host-routed, sync-free select and
+    sync-free gather (LLaMA experts' gate/up/down weights stacked to (E, out, in) beforehand)."""
+    stacked = [torch.stack([getattr(e, n).weight for e in layer.experts])  # (E, out, in)
+               for n in ("gate_proj", "up_proj", "down_proj")]
+    act = layer.experts[0].act_fn
+
+    def gather() -> Tensor:
+        probs = F.linear(x.reshape(1, -1).float(), layer.router.weight.float()).softmax(-1)
+        p, choice = probs.max(dim=-1)
+        g, u, d = (w.index_select(0, choice)[0] for w in stacked)  # copies one expert's weights
+        return (F.linear(act(F.linear(x, g)) * F.linear(x, u), d) * p).to(x.dtype)
+
+    out = {}
+    with torch.no_grad():
+        variants = (("host", lambda: layer(x)), ("sync_free_select", lambda: layer(x)), ("sync_free_gather", gather))
+        for name, fn in variants:
+            layer.sync_free = name == "sync_free_select"
+            out[name] = _median_s(fn, repeats)
+        layer.sync_free = False
+        torch.testing.assert_close(gather(), layer(x))  # the gather variant computes the same step
+        dense = layer.experts[0]
+        out["dense"] = _median_s(lambda: dense(x), repeats)
+    return out
 
 
 def main() -> None:
@@ -66,7 +113,8 @@ def main() -> None:
     question = "What imaging modality is this?"
     feats = {id(m): m.image_features(image) for m in (dense, moe)}
 
-    def timed(m: MedPLIB, cached_features: bool) -> float:
+    def timed(m: MedPLIB, cached_features: bool, sync_free: bool = False) -> float:
+        set_sync_free(m.model.llm, sync_free)
         start = time.perf_counter()
         ans = m.generate(image, question, max_new_tokens=args.tokens,
                          features=feats[id(m)] if cached_features else None)
@@ -76,21 +124,25 @@ def main() -> None:
         assert len(ans.token_ids) == args.tokens
         return elapsed
 
-    for m in (dense, moe):  # warm-up
-        timed(m, False)
+    for m, sync_free in ((dense, False), (moe, False), (moe, True)):  # warm-up
+        timed(m, False, sync_free)
     for mode, cached in (("generate", False), ("llm_only", True)):
-        d, e = [], []
-        for _ in range(args.repeats):  # interleaved, so load changes hit both alike
+        d, e, f = [], [], []
+        for _ in range(args.repeats):  # interleaved, so load changes hit all alike
             d.append(timed(dense, cached))
             e.append(timed(moe, cached))
-        dm, em = statistics.median(d), statistics.median(e)
+            f.append(timed(moe, cached, sync_free=True))
+        dm, em, fm = statistics.median(d), statistics.median(e), statistics.median(f)
         print(json.dumps({"bench": "moe_generation_latency", "mode": mode, "preset": args.preset,
                           "llm_hidden": dense.model.llm.config.hidden_size,
-                          "llm_layers": dense.model.llm.config.num_hidden_layers, "tokens": args.tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                          "llm_layers": dense.model.llm.config.num_hidden_layers, "tokens": args.tokens,
+                          "repeats": args.repeats, "threads": torch.get_num_threads(),
                           "device": str(dense.device), "dtype": args.dtype,
-                          "dense_s": round(dm, 4), "moe_s": round(em, 4), "ratio": round(em / dm, 3),
+                          "dense_s": round(dm, 4), "moe_s": round(em, 4), "moe_sync_free_s": round(fm, 4),
+                          "ratio": round(em / dm, 3), "ratio_sync_free": round(fm / dm, 3),
                           "dense_ms_per_token": round(1000 * dm / args.tokens, 2),
-                          "moe_ms_per_token": round(1000 * em / args.tokens, 2)}), flush=True)
+                          "moe_ms_per_token": round(1000 * em / args.tokens, 2),
+                          "moe_sync_free_ms_per_token": round(1000 * fm / args.tokens, 2)}), flush=True)
     counts = torch.stack([layer.last_counts for layer in moe_layers(moe.model.llm)]).sum(0)
     print(json.dumps({"bench": "moe_routing_last_step", "tokens_per_expert": counts.tolist(),
                       "experts": len(counts), "top_k": moe.config.moe.top_k}), flush=True)
@@ -100,6 +152,14 @@ def main() -> None:
     # top-1: a token runs one expert per layer, so its active parameters are the dense ones plus the routers
     print(json.dumps({"bench": "moe_parameters", "dense": n_dense, "moe_total": n_moe,
                       "moe_active_per_token": n_dense + n_router}), flush=True)
+    layer = moe_layers(moe.model.llm)[0]
+    x = torch.randn(1, 1, dense.model.llm.config.hidden_size, device=args.device, dtype=DTYPES[args.dtype])
+    step = layer_step(layer, x, args.repeats)
+    print(json.dumps({"bench": "moe_layer_decode_step", "llm_hidden": dense.model.llm.config.hidden_size,
+                      "device": str(dense.device), "dtype": args.dtype,
+                      **{f"{k}_us": round(1e6 * v, 1) for k, v in step.items()},
+                      **{f"{k}_over_dense": round(v / step["dense"], 3) for k, v in step.items() if k != "dense"}}),
+          flush=True)
 
 
 if __name__ == "__main__":
