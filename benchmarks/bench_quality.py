@@ -1,7 +1,8 @@
-"""Real-data quality of the small pipeline on a CPU budget. Prints JSON lines. Not a CI test.
+"""Real-data quality of a CPU preset's pipeline (`--preset lite` or `small`) on a CPU budget. Prints JSON
+lines. Not a CI test.
 
-    python benchmarks/bench_quality.py vqa-rad --data ../shared/data/vqa_rad --steps 300,600 --work runs/q_vqarad
-    python benchmarks/bench_quality.py kvasir --data ../shared/data/kvasir_seg --steps 100,200,600,200 --work runs/q_kvasir
+    python benchmarks/bench_quality.py vqa-rad --preset lite --data ../shared/data/vqa_rad --steps 20,300 --work runs/q_vqarad
+    python benchmarks/bench_quality.py kvasir --preset lite --data ../shared/data/kvasir_seg --steps 10,20,400,40 --work runs/q_kvasir
 
 vqa-rad: stages I and II (VQA-RAD has no masks, so no grounding expert and no MoE) on the train
 split; on the test split, side by side: the model with the real image, the same model with a blank
@@ -30,17 +31,15 @@ import numpy as np
 from medplib.api import MedPLIB
 from medplib.data.loading import load_sample
 from medplib.data.schema import read_jsonl
-from medplib.demo import DEMO_STAGE_EXTRA
 from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.vqa import normalize_medplib
 from medplib.training.loop import train
-from medplib.training.pipeline import STAGES, default_recipes_dir, run_pipeline, stage_overrides
+from medplib.config import preset as get_preset
+from medplib.training.pipeline import STAGES, default_recipes_dir, preset_settings, run_pipeline, stage_overrides
 from medplib.training.recipe import load_recipe
 
-CPU = ["train.global_batch=8", "train.micro_batch=8", "optim.lr=1e-3", "checkpoint.every=100", "checkpoint.keep_last=1",
-       "log.progress=false"]
-# Stage IV on a CPU budget uses `medplib demo`'s settings (DEMO_STAGE_EXTRA): the straight-through
-# gate keeps the upcycled experts at full scale, and stage III's mask-loss weights stay (docs/TRAINING.md).
+# The preset's laptop settings (training.pipeline.PRESET_SETTINGS) apply as in `medplib pipeline`.
+QUIET = ["log.progress=false"]
 
 
 def _build(source: str, src: Path, out: Path) -> Path:
@@ -61,11 +60,13 @@ def _log(text: str) -> None:
     print(json.dumps({"log": text}), flush=True)
 
 
-def _train_stages(stages: tuple[str, ...], data: Path, work: Path, steps: list[int], extra: dict[str, list[str]]) -> None:
-    """Train the first stages of the small pipeline into WORK/run (a stage already trained is kept)."""
+def _train_stages(preset: str, stages: tuple[str, ...], data: Path, work: Path, steps: list[int],
+                  extra: dict[str, list[str]]) -> None:
+    """Train the first stages of the preset's pipeline into WORK/run (a stage already trained is kept)."""
+    cfg = get_preset(preset)
     for k, stage in enumerate(stages):
-        over = [*stage_overrides(stage, "small", data, work / "run", True), *CPU, *extra.get(stage, []),
-                f"train.steps={steps[k]}"]
+        over = [*stage_overrides(stage, preset, data, work / "run", cfg), *preset_settings(preset, stage), *QUIET,
+                *extra.get(stage, []), f"train.steps={steps[k]}"]
         recipe = load_recipe(default_recipes_dir() / f"{stage}.yaml", over)
         if not (Path(recipe.output_dir) / "model" / "model.safetensors").is_file():
             train(recipe, log=_log)
@@ -92,7 +93,7 @@ def _score(pred: list[str], test_qa: list[tuple[str, str, str]], name: str) -> d
             f"{name}_open_exact_match": round(float(np.mean(opened)), 4)}
 
 
-def vqa_rad(src: Path, work: Path, steps: list[int], extra: dict[str, list[str]], device: str) -> None:
+def vqa_rad(preset: str, src: Path, work: Path, steps: list[int], extra: dict[str, list[str]], device: str) -> None:
     data = _build("vqa-rad", src, work / "data")
     samples = list(read_jsonl(data / "samples.jsonl"))
     train_qa = [(s.conversations[0].content.replace("<image>", "").strip(), s.conversations[1].content)
@@ -104,7 +105,7 @@ def vqa_rad(src: Path, work: Path, steps: list[int], extra: dict[str, list[str]]
                       **blind_baseline(train_qa, test_qa)}), flush=True)
 
     start = time.time()
-    _train_stages(STAGES[:2], data, work, steps, extra)
+    _train_stages(preset, STAGES[:2], data, work, steps, extra)
     m = MedPLIB.from_pretrained(work / "run" / "stage2" / "model", device=device)
     real, blank = [], []
     for s in test:
@@ -112,7 +113,7 @@ def vqa_rad(src: Path, work: Path, steps: list[int], extra: dict[str, list[str]]
         q = s.conversations[0].content.replace("<image>", "").strip()
         real.append(m.generate(loaded.image, q, max_new_tokens=12).text)
         blank.append(m.generate(np.zeros_like(loaded.image), q, max_new_tokens=12).text)
-    print(json.dumps({"bench": "vqa_rad", "steps": steps, "extra": extra, "wall_minutes": round((time.time() - start) / 60, 1),
+    print(json.dumps({"bench": "vqa_rad", "preset": preset, "steps": steps, "extra": extra, "wall_minutes": round((time.time() - start) / 60, 1),
                       "cpu_minutes": round(_cpu_minutes(), 1), **_score(real, test_qa, "model_image"),
                       **_score(blank, test_qa, "model_blank_image")}), flush=True)
 
@@ -131,18 +132,17 @@ def _kvasir_mdice(folder: Path, data: Path, test: list, device: str) -> tuple[fl
     return float(np.mean(dices)), no_mask
 
 
-def kvasir(src: Path, work: Path, steps: list[int], extra: dict[str, list[str]], device: str) -> None:
+def kvasir(preset: str, src: Path, work: Path, steps: list[int], extra: dict[str, list[str]], device: str) -> None:
     data = _build("kvasir", src, work / "data")
     test = [s for s in read_jsonl(data / "samples.jsonl") if s.split == "test" and s.task == "grounding"]
-    extra = {**extra, "stage4_moe": [*DEMO_STAGE_EXTRA["stage4_moe"], *extra.get("stage4_moe", [])]}
     start = time.time()
     train_wall = lambda: round((time.time() - start - _EVAL["wall"]) / 60, 1)  # noqa: E731
     # Stages I-III first, so that the dense grounding expert is measured before stage IV starts.
-    _train_stages(STAGES[:3], data, work, steps, extra)
+    _train_stages(preset, STAGES[:3], data, work, steps, extra)
     report(work / "run" / "stage3" / "model", "stage3_dense_grounding_expert", data, test, device,
            {"steps": steps[:3], "extra": {k: v for k, v in extra.items() if k != "stage4_moe"},
             "train_wall_minutes": train_wall()})
-    run_pipeline("small", data, work / "run", steps=steps, overrides=CPU, stage_extra=extra, log=_log)
+    run_pipeline(preset, data, work / "run", steps=steps, overrides=QUIET, stage_extra=extra, log=_log)
     report(work / "run" / "model", "final_moe", data, test, device,
            {"steps": steps, "stage4_extra": extra["stage4_moe"], "train_wall_minutes": train_wall()})
 
@@ -161,6 +161,7 @@ def report(folder: Path, name: str, data: Path, test: list, device: str, info: d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("task", choices=["vqa-rad", "kvasir"])
+    ap.add_argument("--preset", default="lite", choices=["lite", "small"], help="the CPU preset to train")
     ap.add_argument("--data", type=Path, required=True, help="the raw dataset folder")
     ap.add_argument("--work", type=Path, required=True, help="folder for the built data and the runs")
     ap.add_argument("--steps", required=True, help="optimizer steps per stage (2 for vqa-rad, 4 for kvasir)")
@@ -171,9 +172,9 @@ def main() -> None:
     steps = [int(x) for x in args.steps.split(",")]
     extra = {stage: getattr(args, f"stage{k}") for k, stage in enumerate(STAGES, 1)}
     if args.task == "vqa-rad":
-        vqa_rad(args.data, args.work, steps, extra, args.device)
+        vqa_rad(args.preset, args.data, args.work, steps, extra, args.device)
     else:
-        kvasir(args.data, args.work, steps, extra, args.device)
+        kvasir(args.preset, args.data, args.work, steps, extra, args.device)
 
 
 if __name__ == "__main__":

@@ -29,5 +29,5 @@ def test_info_prints_the_paper_parameter_count() -> None:
 def test_bad_input_is_one_line_not_a_traceback() -> None:
     out = _run("info", "--preset", "huge")
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: unknown preset 'huge' (choose from tiny, small, paper)"
+    assert out.stderr.strip() == "error: unknown preset 'huge' (choose from tiny, small, lite, paper)"
     assert "Traceback" not in out.stderr

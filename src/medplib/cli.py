@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pixel-level 
 
 @app.command()
 def info(
-    preset: str = typer.Option("paper", help="tiny, small or paper"),
+    preset: str = typer.Option("paper", help="tiny, small, lite or paper"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Parameter counts and feature shapes of a preset, built on the meta device (no weights needed)."""
@@ -42,17 +42,17 @@ def info(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="folder for the data, the stage runs, the model, overlays and demo.json"),
-    preset: str = typer.Option("small", help="model preset to train"),
-    steps: Optional[str] = typer.Option(None, help="optimizer steps for stages I-IV, e.g. 120,120,240,160 (default: the demo's)"),
-    n_phantoms: int = typer.Option(72, help="phantom images to build (split into train/val/test)"),
+    preset: str = typer.Option("lite", help="model preset to train (lite: pretrained; small: random init)"),
+    steps: Optional[str] = typer.Option(None, help="optimizer steps for stages I-IV, e.g. 15,50,90,25 (default: the demo's for the preset)"),
+    n_phantoms: int = typer.Option(270, help="phantom images to build, besides the MNI152 brain slices (split into train/val/test)"),
     retrain: bool = typer.Option(False, help="train again even if OUT/run/model exists"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build phantoms, train stages I-IV, evaluate, answer a VQA, a region and a grounding question, write overlays."""
-    from medplib.demo import DEMO_STEPS, run_demo
+    from medplib.demo import run_demo
 
     try:
-        counts = list(DEMO_STEPS) if steps is None else [int(x) for x in steps.split(",")]
+        counts = None if steps is None else [int(x) for x in steps.split(",")]
     except ValueError:
         raise MedplibError(f"--steps must be 4 comma-separated integers, got {steps!r}") from None
     run_demo(out, preset=preset, steps=counts, n_phantoms=n_phantoms, retrain=retrain, seed=seed, log=typer.echo)

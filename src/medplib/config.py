@@ -54,9 +54,17 @@ class VisionConfig:
     def image_size(self) -> int:
         return int(self.hf.get("image_size", 224))
 
+    # Side of the LLM's image-token grid: the tower's patch grid is average-pooled to token_grid x token_grid
+    # before the projector (None = every patch is a token). The region encoder keeps the full grid.
+    token_grid: int | None = None
+
     @property
     def grid(self) -> int:
         return self.image_size // int(self.hf.get("patch_size", 16))
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.token_grid or self.grid) ** 2
 
 
 @dataclass
@@ -313,7 +321,9 @@ def _lite() -> MedPLIBConfig:
     lite_norm = dict(mean=LITE0_MEAN, std=LITE0_STD)
     return MedPLIBConfig(
         name="lite",
-        vision=VisionConfig(kind="efficientnet", hf=dict(image_size=224, patch_size=32),
+        # 8 x 8 head map at 256 px for the region encoder, pooled to 4 x 4 tokens: on a CPU the LLM's cost
+        # grows with the sequence, and 16 image tokens leave most of an 80-token prompt to the text.
+        vision=VisionConfig(kind="efficientnet", hf=dict(image_size=256, patch_size=32), token_grid=4,
                             pretrained=EFFICIENTNET_LITE0, freeze=True, **lite_norm),
         llm=LLMConfig(hf=dict(hidden_size=576), pretrained=SMOLLM2_GGUF),  # SmolLM2-135M-Instruct: 30 layers x 576
         pixel=PixelEncoderConfig(kind="efficientnet", image_size=256, patch_size=8, out_chans=128,

@@ -1,12 +1,13 @@
-"""`medplib demo`: build a phantom dataset, train the `small` model through stages I-IV (the real
-pipeline: alignment, vision-language expert, pixel-grounding expert, upcycled 2-expert MoE),
-evaluate it on the held-out test split, answer a VQA, a region and a grounding question about an
-unseen image, and write mask overlays as PNGs.
+"""`medplib demo`: build a data set of phantoms and real brain MRI slices, train the `lite` model (ImageNet
+EfficientNet-Lite0 towers, SmolLM2-135M-Instruct) through stages I-IV (the real pipeline: alignment,
+vision-language expert, pixel-grounding expert, upcycled 2-expert MoE), evaluate it on the held-out test
+split, answer a VQA, a region and a grounding question about unseen images, and write mask overlays as PNGs.
 
-Everything lives under OUT: `data/` (phantoms, JSONL), `run/` (one folder per stage, checkpoints,
+Everything lives under OUT: `data/` (images, masks, JSONL), `run/` (one folder per stage, checkpoints,
 metrics, TensorBoard) and `run/model` (the final model). A second run reuses the trained model;
 an interrupted run continues where it stopped (finished stages are skipped, the current stage
-resumes from its last checkpoint).
+resumes from its last checkpoint). The laptop settings of each preset (batch, learning rates) live in
+`medplib.training.pipeline.PRESET_SETTINGS`; the demo only chooses the step counts.
 """
 
 from __future__ import annotations
@@ -23,29 +24,22 @@ from PIL import Image
 from scipy import ndimage
 
 from medplib.api import MedPLIB
+from medplib.data.builder import BuildConfig, build_samples
 from medplib.data.loading import LoadedSample, load_sample
-from medplib.data.phantoms import write_phantom_dataset
-from medplib.data.schema import PointRegion, read_jsonl
+from medplib.data.mni import mni_items
+from medplib.data.phantoms import phantom_items
+from medplib.data.schema import PointRegion, read_jsonl, write_jsonl
+from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.vqa import normalized_match
 from medplib.training.pipeline import run_pipeline
 from medplib.visualize import overlay
 
-# Optimizer steps for stages I-IV at a global batch of 8. Stage I (captions and VQA) is where the
-# from-scratch towers learn that answers depend on the image; grounding learns slowest.
-DEMO_STEPS = (120, 120, 240, 160)
-# CPU settings on top of the stage recipes (which keep the published values). The small preset
-# starts from random weights, so every stage uses lr 1e-3 (published: 1e-3, 1e-4, 3e-4, 3e-4 for
-# stages I-IV, fine-tuning pretrained parts).
-DEMO_OVERRIDES = ("train.global_batch=8", "train.micro_batch=8", "optim.lr=1e-3", "checkpoint.every=50",
-                  "checkpoint.keep_last=1", "log.every=25")
-# Stage IV keeps stage III's mask-loss weights: with a decoder trained from scratch for a few hundred
-# steps, the published bce 2 / dice 0.5 pulls the small structures' masks to empty background. The
-# straight-through gate starts stage IV at the experts' full scale (published: x router probability,
-# ~0.5 at upcycling, which a 160-step stage IV does not recover from).
-DEMO_STAGE_EXTRA = {"stage4_moe": ("upcycle.gate=straight_through", "loss.dice=5.0", "loss.bce=1.0", "loss.focal=1.0")}
-MAX_EVAL = 24  # test questions per task
-
-
+# Optimizer steps for stages I-IV at a global batch of 8, per preset. From random weights (small), stage I
+# (captions and VQA) is where the towers learn that answers depend on the image; grounding learns slowest.
+DEMO_STEPS = {"lite": (10, 40, 60, 25), "small": (120, 120, 240, 160)}
+DEFAULT_PRESET = "lite"
+MAX_EVAL = 60  # test questions per task
+TEST_FRACTION = 0.2  # of the image groups: enough unseen images for >= 50 questions per task
 @dataclass
 class DemoResult:
     model_dir: Path
@@ -56,7 +50,19 @@ class DemoResult:
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    return float(2 * (pred & gt).sum() / max(1, pred.sum() + gt.sum()))
+    """Dice by the rules `medplib eval` uses (medplib.evaluation.masks; both empty scores 1)."""
+    return float(mask_overlap(pred[None], gt[None]).dice[0])
+
+
+def write_demo_dataset(data: Path, n_phantoms: int, seed: int, size: int = 256,
+                       log: Callable[[str], None] = print) -> Path:
+    """Phantoms and MNI152 brain MRI slices with their VQA / region / grounding / box questions -> data/demo.jsonl."""
+    out = data / "demo.jsonl"
+    items = [*phantom_items(data, n_phantoms, seed, size), *mni_items(data)]
+    n_mni = sum(1 for i in items if i.source == "mni152")
+    write_jsonl(build_samples(items, data, BuildConfig(seed=seed, test_fraction=TEST_FRACTION)), out)
+    log(f"wrote {len(items) - n_mni} phantoms and {n_mni} MNI152 brain MRI slices with their questions to {out}")
+    return out
 
 
 def _click(mask: np.ndarray) -> PointRegion:
@@ -89,18 +95,19 @@ def evaluate(m: MedPLIB, test: Sequence[LoadedSample]) -> dict[str, float]:
 
 
 def run_demo(
-    out: Path, *, preset: str = "small", n_phantoms: int = 72, steps: Sequence[int] = DEMO_STEPS, size: int = 256,
-    seed: int = 0, retrain: bool = False, log: Callable[[str], None] = print,
+    out: Path, *, preset: str = DEFAULT_PRESET, n_phantoms: int = 270, steps: Sequence[int] | None = None,
+    size: int = 256, seed: int = 0, retrain: bool = False, log: Callable[[str], None] = print,
 ) -> DemoResult:
+    steps = tuple(steps) if steps is not None else DEMO_STEPS.get(preset, DEMO_STEPS["small"])
     out = Path(out)
     data, run = out / "data", out / "run"
     model_dir = run / "model"
     if retrain:
         shutil.rmtree(run, ignore_errors=True)
-    jsonl = data / "phantoms.jsonl"
+    jsonl = data / "demo.jsonl"
     if not jsonl.is_file():
-        log(f"building {n_phantoms} phantoms and their VQA / region / grounding / box questions in {data}")
-        write_phantom_dataset(data, n_phantoms, seed=seed, size=size)
+        log(f"building {n_phantoms} phantoms and the MNI152 brain MRI slices in {data}")
+        write_demo_dataset(data, n_phantoms, seed, size, log=log)
 
     trained, seconds = False, 0.0
     if (model_dir / "config.json").is_file():
@@ -109,15 +116,17 @@ def run_demo(
         log(f"training '{preset}' through stages I-IV ({', '.join(map(str, steps))} steps); "
             f"progress and losses in {run}/stage*/metrics.jsonl")
         start = time.time()
-        run_pipeline(preset, data, run, steps=list(steps), overrides=list(DEMO_OVERRIDES),
-                     stage_extra=DEMO_STAGE_EXTRA, log=log)
+        run_pipeline(preset, data, run, steps=list(steps), log=log)
         seconds = time.time() - start
         trained = True
     m = MedPLIB.from_pretrained(model_dir)
+    log(f"the trained model is in {model_dir} (medplib ask --model {model_dir} IMAGE QUESTION)")
 
     test = [load_sample(s, data) for s in read_jsonl(jsonl) if s.split == "test"]
-    log(f"evaluating on the held-out test split ({len(test)} questions about unseen phantoms)")
+    log(f"evaluating on the held-out test split ({len(test)} questions about unseen images)")
+    start = time.time()
     metrics = evaluate(m, test)
+    metrics["eval_seconds"] = round(time.time() - start, 1)
     log(f"  modality accuracy {metrics['modality_accuracy']:.2f} (n={metrics['n_vqa']}), "
         f"region label accuracy {metrics['region_label_accuracy']:.2f} (n={metrics['n_region']}), "
         f"grounding mDice {metrics['grounding_mdice']:.3f} (n={metrics['n_grounding']})")

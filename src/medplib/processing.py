@@ -114,7 +114,7 @@ class Processor:
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE, IM_START, IM_END, REGION, SEG)}
         self.image_id, self.im_start_id, self.im_end_id = ids[IMAGE], ids[IM_START], ids[IM_END]
         self.region_id, self.seg_id = ids[REGION], ids[SEG]
-        self.num_image_tokens = config.vision.grid**2
+        self.num_image_tokens = config.vision.num_image_tokens
         if config.chat_template not in CHAT_TEMPLATES:
             raise ConfigError(f"unknown chat_template '{config.chat_template}' (choose from {', '.join(CHAT_TEMPLATES)})")
         self.template = CHAT_TEMPLATES[config.chat_template]

@@ -65,7 +65,7 @@ class ImageFeatures:
 @dataclass
 class MedPLIBOutput:
     loss: torch.Tensor
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V) without labels; with labels (N, V) at the N positions that predict one
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # ce, bce, dice, focal, iou, aux
     mask_logits: list[list[torch.Tensor]] = field(default_factory=list)  # [b][k] (H, W)
 
@@ -166,6 +166,16 @@ class MedPLIBModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             return self.pixel_encoder(pixel_values.to(next(self.pixel_encoder.parameters()).dtype))
 
+    def _pool_tokens(self, vision_feats: torch.Tensor) -> torch.Tensor:
+        """(B, g*g, Dv) -> (B, t*t, Dv), average-pooled to the config's token grid t."""
+        t = self.cfg.vision.token_grid
+        if not t:
+            return vision_feats
+        b, n, d = vision_feats.shape
+        g = int(round(n**0.5))
+        grid = vision_feats.transpose(1, 2).reshape(b, d, g, g)
+        return F.adaptive_avg_pool2d(grid, t).flatten(2).transpose(1, 2)
+
     def embed(self, input_ids: torch.Tensor, vision_feats: torch.Tensor, region_masks: list[list[torch.Tensor]]) -> torch.Tensor:
         """Token embeddings with image features at `<image>` ids and region tokens at `<region>` ids.
 
@@ -173,9 +183,9 @@ class MedPLIBModel(nn.Module):
         emb = self.llm.get_input_embeddings()(input_ids)
         is_img = input_ids == self.ids.image
         n_img = is_img.sum(dim=1)
-        if not torch.all(n_img == vision_feats.shape[1]):
-            raise InputError(f"each sequence needs {vision_feats.shape[1]} image tokens, found {n_img.tolist()}")
-        img = self.projector(vision_feats).to(emb.dtype)
+        if not torch.all(n_img == self.cfg.vision.num_image_tokens):
+            raise InputError(f"each sequence needs {self.cfg.vision.num_image_tokens} image tokens, found {n_img.tolist()}")
+        img = self.projector(self._pool_tokens(vision_feats)).to(emb.dtype)
         emb = emb.masked_scatter(is_img.unsqueeze(-1), img)
         is_reg = input_ids == self.ids.region
         if is_reg.any() or any(region_masks):
@@ -222,14 +232,19 @@ class MedPLIBModel(nn.Module):
         self._set_moe_token_mask(attention_mask)
         hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
         self._set_moe_token_mask(None)
-        logits = self.llm.get_output_embeddings()(hidden)
-        dev = logits.device
+        head = self.llm.get_output_embeddings()
+        dev = hidden.device
         zero = torch.zeros((), device=dev)
         parts: dict[str, torch.Tensor] = {}
-        if labels is not None and (labels[:, 1:] != IGNORE_INDEX).any():
-            parts["ce"] = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        else:
+        if labels is None:
+            logits = head(hidden)
             parts["ce"] = zero
+        else:
+            # The head only where a label is predicted: with a 49k vocabulary it is a fifth of a small LLM's
+            # compute, and most positions are the prompt.
+            predicts = labels[:, 1:] != IGNORE_INDEX
+            logits = head(hidden[:, :-1][predicts])
+            parts["ce"] = F.cross_entropy(logits.float(), labels[:, 1:][predicts]) if predicts.any() else zero
         # The hidden state at position i predicts token i+1: that is the one a [SEG] answer uses.
         answer = labels[:, 1:] != IGNORE_INDEX if labels is not None else torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
         seg_at = (input_ids[:, 1:] == self.ids.seg) & answer

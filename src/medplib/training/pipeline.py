@@ -52,6 +52,37 @@ def unfreeze_for(stage: str, cfg: MedPLIBConfig) -> list[str]:
     return [p for p in SCRATCH_UNFREEZE[stage] if random_part[p]]
 
 
+# Laptop settings of the CPU presets, on top of the stage recipes (which keep the published values) and below
+# the caller's overrides. Global batch 8 fits a 2-core CPU.
+_CPU_COMMON = ("train.global_batch=8", "train.micro_batch=8", "checkpoint.every=50", "checkpoint.keep_last=1",
+               "log.every=10")
+PRESET_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    # Random init: every stage at lr 1e-3 (published: 1e-3, 1e-4, 3e-4, 3e-4, for pretrained parts). Stage IV
+    # keeps stage III's mask-loss weights (the published bce 2 / dice 0.5 pulls masks of a decoder trained
+    # for a few hundred steps to empty background) and starts at the experts' full scale (straight-through gate).
+    "small": {
+        "*": (*_CPU_COMMON, "optim.lr=1e-3"),
+        "stage4_moe": ("upcycle.gate=straight_through", "loss.dice=5.0", "loss.bce=1.0", "loss.focal=1.0"),
+    },
+    # Pretrained LLM and towers: the published learning rates, but stage II and III runs of tens of steps
+    # instead of epochs over 100k+ samples take lr 1e-3. Stage IV as for `small`, plus task-supervised routing
+    # (model/moe.py), which keeps grounding on the grounding expert when stage IV is short (0.1: its loss is
+    # summed over the 30 layers).
+    "lite": {
+        "*": _CPU_COMMON,
+        "stage2_vl_expert": ("optim.lr=1e-3",),
+        "stage3_pg_expert": ("optim.lr=1e-3",),
+        "stage4_moe": ("optim.lr=3e-4", "upcycle.gate=straight_through", "upcycle.router_task_coef=0.1",
+                       "loss.dice=5.0", "loss.bce=1.0", "loss.focal=1.0"),
+    },
+}
+
+
+def preset_settings(preset: str, stage: str) -> list[str]:
+    table = PRESET_SETTINGS.get(preset, {})
+    return [*table.get("*", ()), *table.get(stage, ())]
+
+
 def default_recipes_dir() -> Path:
     """The stage recipes shipped inside the package (`medplib/recipes/`, package data; the checkout's
     top-level `recipes` is a link to it), so an installed wheel finds them as an editable install does."""
@@ -97,7 +128,8 @@ def run_pipeline(
     folder exists is skipped; an interrupted stage resumes from its newest checkpoint.
 
     steps: optimizer steps per stage (4 values), else each recipe's epochs. overrides: applied to
-    every stage (after the placement overrides). stage_extra: more overrides for one stage."""
+    every stage (after the placement overrides and the preset's PRESET_SETTINGS). stage_extra: more
+    overrides for one stage."""
     from accelerate import PartialState
 
     recipes = recipes or default_recipes_dir()
@@ -109,7 +141,7 @@ def run_pipeline(
         path = recipes / f"{stage}.yaml"
         if not path.is_file():
             raise RecipeError(f"recipe {path} not found (pass the recipes folder)")
-        extra = [*stage_overrides(stage, preset, Path(data), run, cfg), *overrides,
+        extra = [*stage_overrides(stage, preset, Path(data), run, cfg), *preset_settings(preset, stage), *overrides,
                  *(stage_extra or {}).get(stage, ())]
         if steps is not None:
             extra.append(f"train.steps={steps[k]}")
