@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 from medplib.api import MedPLIB
 from medplib.config import MedPLIBConfig, preset
@@ -350,12 +351,18 @@ def test_llava_folder_converts_as_a_stage_one_start(fixture: dict, tmp_path: Pat
               "mm_hidden_size": DV, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
               "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_use_im_start_end": False}
     write_published(tmp_path / "llava", sd, vocab, "bin", n_shards=2, config=config, tokens=[])
-    ref["clip"].save_pretrained(str(tmp_path / "clip"))
+    # The CLIP folder LLaVA names holds the whole CLIPModel (vision_model.*, text_model.*, projections).
+    clip = CLIPModel(CLIPConfig(vision_config=CLIP, text_config=dict(hidden_size=16, intermediate_size=32,
+                                num_hidden_layers=1, num_attention_heads=2, vocab_size=99), projection_dim=8))
+    clip.vision_model.load_state_dict(ref["clip"].state_dict())
+    clip.save_pretrained(str(tmp_path / "clip"))
     torch.save({"model": ref["sam"]}, tmp_path / "sam-med2d_b.pth")
     with pytest.raises(CheckpointError, match="--sam"):
         published_to_medplib(tmp_path / "llava", tmp_path / "x", base=cfg, vision=tmp_path / "clip", log=lambda s: None)
-    published_to_medplib(tmp_path / "llava", tmp_path / "ours", base=cfg, vision=tmp_path / "clip",
-                         sam=tmp_path / "sam-med2d_b.pth", log=lambda s: None)
+    conv = published_to_medplib(tmp_path / "llava", tmp_path / "ours", base=cfg, vision=tmp_path / "clip",
+                                sam=tmp_path / "sam-med2d_b.pth", log=lambda s: None)
+    text_half = sum(1 for k in clip.state_dict() if not k.startswith("vision_model."))
+    assert conv.left_out == {"CLIP text half (--vision folder)": text_half}
 
     m = MedPLIB.from_pretrained(tmp_path / "ours")
     assert m.config.moe.num_experts == 0 and not m.config.region.spatial
@@ -367,6 +374,9 @@ def test_llava_folder_converts_as_a_stage_one_start(fixture: dict, tmp_path: Pat
     with torch.no_grad():
         torch.testing.assert_close(m.model.llm(input_ids=ids).logits[..., :vocab], llama(input_ids=ids).logits)
         torch.testing.assert_close(m.model.pixel_encoder(pixels), enc(pixels))
+        image = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(10))
+        want = clip.vision_model(pixel_values=image, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(m.model.vision(image), want)
     emb = m.model.llm.get_input_embeddings().weight
     torch.testing.assert_close(emb[vocab:], llama.model.embed_tokens.weight.mean(0).expand(len(emb) - vocab, -1))
 
