@@ -61,5 +61,8 @@ def eval_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     finally:
+        from medplib.training.loop import end_processes
+
+        end_processes()  # a multi-process launch: every process passes one barrier before the group ends
         for w in caught:
             typer.echo(f"warning: {w.message}", err=True)

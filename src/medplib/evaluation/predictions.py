@@ -5,6 +5,9 @@ being written; a torn last line is ignored on reading and cut before the next ap
 files beside the store (`masks/<id>.<field>.png`, binarised as in `masks.binarize`: float > 0.5,
 other dtypes non-zero) and the record keeps their path relative to the store's folder; paths
 given for images and masks are stored absolute.
+
+Processes of one multi-process evaluation write part stores beside it (`predictions.part-<rank>.jsonl`,
+masks in the same `masks/` folder); `merge_parts` moves their records into the store once they are done.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -63,12 +66,37 @@ class PredictionStore:
                 rec[key] = _absolute(value)
         if rec.get("image") is not None:
             rec["image"] = _absolute(rec["image"])
+        self._write(rec)
+        return rec
+
+    def part(self, rank: int) -> "PredictionStore":
+        """The store process `rank` of a multi-process run appends to (same folder, so mask paths hold)."""
+        return PredictionStore(self.path.with_name(f"{self.path.stem}.part-{rank}{self.path.suffix}"))
+
+    def parts(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.stem}.part-*{self.path.suffix}"))
+
+    def merge_parts(self, order: Sequence[str] = ()) -> int:
+        """Move every part store's records into this store, ids listed in `order` first and in that order
+        (so the file reads as a one-process run's), the rest as found; then remove the parts. A merge cut
+        short is redone by the next call: a record appended twice is read once. Returns how many moved."""
+        parts = self.parts()
+        records: dict[str, dict[str, Any]] = {}
+        for path in parts:
+            records.update({str(r["id"]): r for r in PredictionStore(path).read()})
+        rank = {rid: k for k, rid in enumerate(order)}
+        for rec in sorted(records.values(), key=lambda r: rank.get(str(r["id"]), len(rank))):
+            self._write(rec)
+        for path in parts:
+            path.unlink()
+        return len(records)
+
+    def _write(self, rec: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_torn_tail()
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec, ensure_ascii=False, default=_jsonable) + "\n")
             fh.flush()
-        return rec
 
     def _drop_torn_tail(self) -> None:
         """Cut a last line left unterminated by a crash, so the next record starts a clean line."""

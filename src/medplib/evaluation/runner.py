@@ -14,6 +14,12 @@ the answer is scored against the first reference answer, by task:
 - caption / report: the answer text against the reference.
 A sample that cannot be read or answered is reported and counted as failed, never fatal.
 Re-running with the same OUT skips the samples already in predictions.jsonl.
+
+Launched with several processes (`torchrun --nproc_per_node N -m medplib.cli eval ...` or
+`accelerate launch`; gloo on CPUs, NCCL on GPUs), process r of N answers samples r, r+N, ... of the
+ones not yet stored, into its own part store; once all are done the first process merges the parts
+into predictions.jsonl in sample order and writes the report, so the metrics are those of a
+one-process run. Parts left by a killed run are merged first, so resuming works with any N.
 """
 
 from __future__ import annotations
@@ -238,10 +244,31 @@ def _add_run_info(out: Path, info: dict[str, Any], failures: Sequence[dict[str, 
     return metrics
 
 
-def _device(name: str) -> str:
+def _device(name: str, state: Any = None) -> str:
+    """`auto`: the GPU if there is one (this process's own under a multi-process launch), else the CPU."""
     import torch
 
+    if state is not None and name in ("auto", "cuda"):
+        return str(state.device) if name == "auto" else f"cuda:{state.local_process_index}"
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _launch_state() -> Any:
+    """accelerate's process state under a multi-process launch (WORLD_SIZE > 1), else None."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    from accelerate import PartialState
+
+    # Without a GPU accelerate sets up gloo only when asked (cpu=True), as in training.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != world:
+        raise InputError(f"launched as {world} processes but accelerate set up {state.num_processes}")
+    return state
 
 
 def run_benchmark(
@@ -259,9 +286,12 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Predict every chosen test sample not yet in OUT/predictions.jsonl, then score all stored
-    predictions. Returns the metrics.json content."""
+    predictions. Returns the metrics.json content (on every process of a multi-process launch)."""
     from medplib.api import MedPLIB
 
+    state = _launch_state()
+    main = state is None or state.is_main_process
+    wait = state.wait_for_everyone if state is not None else (lambda: None)
     out = Path(out)
     # `model` names it in titles as the user wrote it; the resolved paths tell runs apart
     run = {"benchmark": benchmark, "model": str(model_path), "model_path": str(Path(model_path).resolve()),
@@ -269,12 +299,18 @@ def run_benchmark(
     _check_same_run(out, run)
     chosen = select_samples(benchmark, data, split=split, limit=limit, modality=modality, image_dir=image_dir)
     store = PredictionStore(out / "predictions.jsonl")
+    if main:
+        store.merge_parts()  # what a killed multi-process run had answered
+    wait()
     done = store.done_ids()
     todo = [s for s in chosen.samples if s.id not in done]
+    wait()  # every process has read the store before any writes
+    mine, shard = (todo, store) if state is None else \
+        (todo[state.process_index::state.num_processes], store.part(state.process_index))
     failures: list[dict[str, str]] = []
-    if todo:
-        model = MedPLIB.from_pretrained(model_path, device=_device(device))
-        for sample in tqdm(todo, desc=benchmark, unit="sample", file=sys.stderr, dynamic_ncols=True):
+    if mine:
+        model = MedPLIB.from_pretrained(model_path, device=_device(device, state))
+        for sample in tqdm(mine, desc=benchmark, unit="sample", file=sys.stderr, dynamic_ncols=True, disable=not main):
             start = time.perf_counter()
             try:
                 rec = predict(model, sample, chosen.root)
@@ -283,15 +319,33 @@ def run_benchmark(
                 tqdm.write(f"failed {sample.id}: {exc}", file=sys.stderr)
                 continue
             rec["seconds"] = time.perf_counter() - start  # reading + answering this sample
-            store.append(rec)
+            shard.append(rec)
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        position = {s.id: k for k, s in enumerate(todo)}
+        failures = sorted(gather_object(failures), key=lambda f: position[f["id"]])
+        wait()
+        if main:
+            store.merge_parts([s.id for s in todo])
+    info = {**run, "selected": len(chosen.samples), "generated": len(todo) - len(failures),
+            "reused": len(chosen.samples) - len(todo), "failed": len(failures)}
+    if not main:
+        wait()  # the first process writes the report
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    metrics = _report(out, store, benchmark, run, info, failures, meteor_backend)
+    wait()
+    log(f"{benchmark}: {metrics['n']} predictions scored ({info['generated']} generated, {info['reused']} reused, "
+        f"{info['failed']} failed); wrote metrics.json, predictions.jsonl and report.md to {out}")
+    return metrics
+
+
+def _report(out: Path, store: PredictionStore, benchmark: str, run: dict[str, Any], info: dict[str, Any],
+            failures: list[dict[str, str]], meteor_backend: str) -> dict[str, Any]:
+    """Score every stored prediction and write the report with the run's provenance."""
     stored = list(store.read())
     seconds = sum(float(r.get("seconds") or 0.0) for r in stored)
     # throughput over the samples that were generated (in this run or an earlier one), not reused ones
     sps = len(stored) / seconds if seconds > 0 else None
     run_report([], out, benchmark, run["model"], samples_per_s=sps, meteor_backend=meteor_backend)  # type: ignore[arg-type]
-    info = {**run, "selected": len(chosen.samples), "generated": len(todo) - len(failures),
-            "reused": len(chosen.samples) - len(todo), "failed": len(failures)}
-    metrics = _add_run_info(out, info, failures)
-    log(f"{benchmark}: {metrics['n']} predictions scored ({info['generated']} generated, {info['reused']} reused, "
-        f"{info['failed']} failed); wrote metrics.json, predictions.jsonl and report.md to {out}")
-    return metrics
+    return _add_run_info(out, info, failures)
