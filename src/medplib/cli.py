@@ -27,7 +27,10 @@ def info(
     from medplib.tokenizer import EXTRA_SPECIAL
 
     cfg = get_preset(preset)
-    vocab = PAPER_BASE_VOCAB + len(EXTRA_SPECIAL) if preset == "paper" else cfg.tokenizer.vocab_size
+    if preset == "paper":
+        vocab = PAPER_BASE_VOCAB + len(EXTRA_SPECIAL)
+    else:  # an LLM's own tokenizer (lite) gains medplib's special tokens; the trained BPE holds them
+        vocab = cfg.tokenizer.vocab_size + (len(EXTRA_SPECIAL) if cfg.tokenizer.path else 0)
     s = summarize(build_on_meta(cfg, vocab))
     if as_json:
         typer.echo(json.dumps(s.__dict__, indent=2))

@@ -325,12 +325,17 @@ def _lite() -> MedPLIBConfig:
         # grows with the sequence, and 16 image tokens leave most of an 80-token prompt to the text.
         vision=VisionConfig(kind="efficientnet", hf=dict(image_size=256, patch_size=32), token_grid=4,
                             pretrained=EFFICIENTNET_LITE0, freeze=True, **lite_norm),
-        llm=LLMConfig(hf=dict(hidden_size=576), pretrained=SMOLLM2_GGUF),  # SmolLM2-135M-Instruct: 30 layers x 576
+        # SmolLM2-135M-Instruct's architecture (what the GGUF file holds), so the preset describes itself
+        # without the file (`medplib info --preset lite`).
+        llm=LLMConfig(hf=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                              num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                              rope_theta=100000.0, tie_word_embeddings=True),
+                      pretrained=SMOLLM2_GGUF),
         pixel=PixelEncoderConfig(kind="efficientnet", image_size=256, patch_size=8, out_chans=128,
                                  checkpoint=EFFICIENTNET_LITE0, freeze=False, adapter=False, **lite_norm),
         decoder=MaskDecoderConfig(transformer_dim=128, depth=2, num_heads=8, mlp_dim=512, iou_head_hidden_dim=128),
         region=RegionConfig(max_points=256, point_size=27, spatial=True),
-        tokenizer=TokenizerConfig(path=SMOLLM2_GGUF, model_max_length=1024),
+        tokenizer=TokenizerConfig(path=SMOLLM2_GGUF, vocab_size=49152, model_max_length=1024),  # SmolLM2's vocabulary
         chat_template="chatml",
         system_prompt=LITE_SYSTEM,
         max_new_tokens=48,

@@ -36,7 +36,7 @@ from medplib.visualize import overlay
 
 # Optimizer steps for stages I-IV at a global batch of 8, per preset. From random weights (small), stage I
 # (captions and VQA) is where the towers learn that answers depend on the image; grounding learns slowest.
-DEMO_STEPS = {"lite": (10, 40, 60, 25), "small": (120, 120, 240, 160)}
+DEMO_STEPS = {"lite": (20, 35, 60, 25), "small": (120, 120, 240, 160)}
 DEFAULT_PRESET = "lite"
 MAX_EVAL = 60  # test questions per task
 TEST_FRACTION = 0.2  # of the image groups: enough unseen images for >= 50 questions per task

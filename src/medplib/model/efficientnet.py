@@ -13,6 +13,7 @@ tower and the pixel encoder can each take the levels they need.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,8 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _bn(HEAD_CHANNELS)
         self.act = nn.ReLU6()
         # Index of the last block at stride 8, 16 and 32 (the ends of stages 3, 5 and 7).
-        ends = torch.tensor([st[0] for st in LITE0_STAGES]).cumsum(0) - 1
-        self._taps = (int(ends[2]), int(ends[4]), int(ends[6]))
+        ends = [n - 1 for n in itertools.accumulate(st[0] for st in LITE0_STAGES)]
+        self._taps = (ends[2], ends[4], ends[6])
 
     def train(self, mode: bool = True) -> "EfficientNetLite0":
         # Batch statistics of a few medical images would overwrite ImageNet's: as in detection backbones,

@@ -29,7 +29,7 @@ class Summary:
 def build_on_meta(cfg: MedPLIBConfig, vocab_size: int) -> MedPLIBModel:
     """The model's modules with meta tensors: shapes and counts only; needs no local weights."""
     cfg = MedPLIBConfig.from_dict(cfg.to_dict())
-    cfg.vision.pretrained = cfg.llm.pretrained = None
+    cfg.vision.pretrained = cfg.llm.pretrained = cfg.pixel.checkpoint = None
     ids = SpecialIds(image=vocab_size - len(EXTRA_SPECIAL), region=vocab_size - 4, seg=vocab_size - 3, eos=2, pad=0)
     with torch.device("meta"):
         return MedPLIBModel(cfg, vocab_size, ids)
@@ -60,7 +60,7 @@ def summarize(model: MedPLIBModel) -> Summary:
         vis = model.vision(torch.empty(1, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev))
         pix = model.pixel_encoder(torch.empty(1, 3, cfg.pixel.image_size, cfg.pixel.image_size, device=dev))
     return Summary(
-        parts=parts, total=total, active=total - idle, image_tokens=vis.shape[1], vision_width=vis.shape[2],
+        parts=parts, total=total, active=total - idle, image_tokens=cfg.vision.num_image_tokens, vision_width=vis.shape[2],
         llm_layers=model.llm.config.num_hidden_layers, llm_hidden=model.llm.config.hidden_size,
         pixel_embedding=tuple(pix.shape[1:]),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
@@ -44,7 +45,10 @@ class VisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised -> (B, grid*grid, D) patch features."""
         if self.cfg.kind == "efficientnet":
-            return self.model(pixels).head.flatten(2).transpose(1, 2)
+            # CLIP's hidden states come out of a LayerNorm'd residual stream; the CNN's ReLU6 head map (norm ~23
+            # per position) would reach the LLM at ~7x the scale of its word embeddings (norm ~3.2 in SmolLM2).
+            feats = self.model(pixels).head.flatten(2).transpose(1, 2)
+            return F.layer_norm(feats, feats.shape[-1:])
         out = self.model(pixel_values=pixels.to(self.model.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.cfg.select_layer]
         return feats[:, 1:] if self.cfg.kind == "clip" and self.cfg.drop_cls else feats

@@ -19,7 +19,8 @@ PIXEL_PARTS = ("pixel_encoder", "mask_decoder", "seg_proj")
 
 def upcycle(base: MedPLIB, experts: list[MedPLIB], spec: UpcycleSection) -> MedPLIB:
     """Turn `base` (dense) into an MoE model in place: expert e of every LLM MLP is a copy of that
-    MLP in `experts[e]`; the pixel parts come from `experts[0]` (the pixel-grounding expert)."""
+    MLP in `experts[e]`; the pixel parts and the `[SEG]` embedding rows come from `experts[0]` (the
+    pixel-grounding expert)."""
     if base.config.moe.num_experts:
         raise RecipeError("upcycle.experts is set but the base model is already an MoE model")
     for i, e in enumerate(experts):
@@ -34,6 +35,12 @@ def upcycle(base: MedPLIB, experts: list[MedPLIB], spec: UpcycleSection) -> MedP
     base.config.moe = moe  # the model reads its MoE settings from this (shared) config object
     for part in PIXEL_PARTS:
         getattr(base.model, part).load_state_dict(getattr(experts[0].model, part).state_dict())
+    # The [SEG] rows too: the pixel-grounding stage is where the model learns to emit [SEG] (recipe group
+    # `seg_token`); the base's other rows stay stage II's.
+    seg = base.model.ids.seg
+    with torch.no_grad():
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            getattr(base.model.llm, get)().weight[seg] = getattr(experts[0].model.llm, get)().weight[seg]
     return base
 
 

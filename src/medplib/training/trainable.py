@@ -4,6 +4,7 @@ Groups, as the published stage table names them:
     projector, vision, pixel_encoder, mask_decoder, seg_proj, region_encoder: those modules
     lora: the LoRA A/B matrices injected by `add_lora`
     lm_head, embed_tokens: the LLM's output / input embeddings
+    seg_token: only the `[SEG]` rows of those embeddings (the other rows get no gradient)
     norms: the LLM's RMSNorm / LayerNorm weights
     router: the MoE routers
     llm: every LLM parameter (full fine-tuning)
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -42,6 +44,7 @@ GROUPS: dict[str, Callable[[MedPLIBModel, str], bool]] = {
     "lora": lambda model, p: ".lora_" in p,
     "lm_head": _same_tensor(lambda m: m.llm.get_output_embeddings()),
     "embed_tokens": _same_tensor(lambda m: m.llm.get_input_embeddings()),
+    "seg_token": lambda model, p: GROUPS["lm_head"](model, p) or GROUPS["embed_tokens"](model, p),
     "norms": lambda model, p: p.startswith("llm.") and "norm" in p.rsplit(".", 2)[-2],
     "router": lambda model, p: ".router." in p,
     "llm": _prefix("llm"),
@@ -61,7 +64,25 @@ def set_trainable(model: MedPLIBModel, groups: Sequence[str]) -> int:
             n += p.numel()
     if n == 0:
         raise RecipeError(f"the trainable groups {list(groups)} select no parameter of this model")
+    if "seg_token" in groups and not {"lm_head", "embed_tokens", "llm"} & set(groups):
+        _train_rows_only(model, model.ids.seg)
+        n -= sum(p.numel() - p.shape[1] for p in _embedding_weights(model))
     return n
+
+
+def _embedding_weights(model: MedPLIBModel) -> list[nn.Parameter]:
+    weights = [model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight]
+    return list({id(w): w for w in weights}.values())  # one tensor when tied
+
+
+def _train_rows_only(model: MedPLIBModel, row: int) -> None:
+    """Zero the gradient of every embedding row but `row`: a token the model must learn to emit (stage III's
+    `[SEG]`) trains without moving the pretrained vocabulary. With zero gradients, AdamW (weight decay 0 in
+    the recipes) leaves those rows exactly as they were."""
+    for w in _embedding_weights(model):
+        keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
+        keep[row] = 1
+        w.register_hook(lambda grad, keep=keep: grad * keep)
 
 
 def add_lora(model: MedPLIBModel, r: int, alpha: int, dropout: float, targets: Sequence[str]) -> None:
