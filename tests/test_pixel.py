@@ -204,3 +204,21 @@ def test_positions_resized_from_1024px_checkpoint(tiny) -> None:
     assert not dec_sd
     # Without a config nothing is resized.
     assert sam_state_dict_to_medplib(sd)[0]["pos_embed"].shape == (1, 64, 64, cfg.embed_dim)
+
+
+def test_model_built_from_a_config_naming_a_sam_checkpoint_holds_its_tensors(tmp_path: Path) -> None:
+    """`pixel.checkpoint` is loaded where the model is built (from_config / the pipeline's first stage)."""
+    from medplib.api import MedPLIB
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    enc, dec = PixelEncoder(cfg.pixel).eval(), MaskDecoder(cfg.decoder).eval()
+    path = tmp_path / "sam.safetensors"
+    save_file(_sam_layout(enc, dec), str(path))
+    m = MedPLIB.from_config(preset("tiny", **{"pixel.checkpoint": str(path)}), seed=1)
+    for mine, theirs in ((m.model.pixel_encoder, enc), (m.model.mask_decoder, dec)):
+        got, want = mine.state_dict(), theirs.state_dict()
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    random = MedPLIB.from_config(preset("tiny"), seed=1)
+    assert not torch.equal(random.model.pixel_encoder.pos_embed, m.model.pixel_encoder.pos_embed)

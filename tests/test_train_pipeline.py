@@ -83,9 +83,15 @@ def test_stage3_changes_only_mlps_and_pixel_parts(pipeline_run: tuple[Path, Path
     _, run = pipeline_run
     s2 = MedPLIB.from_pretrained(run / "stage2" / "model").model.state_dict()
     s3 = MedPLIB.from_pretrained(run / "stage3" / "model").model.state_dict()
+    seg = MedPLIB.from_pretrained(run / "stage3" / "model").model.ids.seg
+    embeddings = {k for k in s2 if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
     changed = {k.split(".")[0] if not k.startswith("llm.") else ("llm.mlp" if ".mlp." in k else "llm.other")
-               for k in s2 if not torch.equal(s2[k], s3[k])}
+               for k in s2 if k not in embeddings and not torch.equal(s2[k], s3[k])}
     assert changed == {"llm.mlp", "mask_decoder", "seg_proj", "pixel_encoder"}
+    # The embeddings change only in their [SEG] rows (recipe group seg_token).
+    for k in embeddings:
+        rows = torch.nonzero((s2[k] != s3[k]).any(dim=1)).flatten().tolist()
+        assert rows == [seg], k
 
 
 def test_stage4_keeps_the_trained_towers(pipeline_run: tuple[Path, Path]) -> None:
@@ -111,7 +117,11 @@ def test_upcycled_model_with_forced_expert_reproduces_the_dense_model(
     moe.model.eval()
     force_expert(moe.model.llm, expert)
     ref = MedPLIB.from_pretrained(run / dense / "model")
+    # Upcycling takes the [SEG] embedding rows from the grounding expert (stage III), whichever expert runs.
+    stage3, seg = MedPLIB.from_pretrained(run / "stage3" / "model").model.llm, ref.model.ids.seg
     with torch.no_grad():
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            getattr(ref.model.llm, get)().weight[seg] = getattr(stage3, get)().weight[seg]
         for task in ("vqa", "region_vqa", "grounding"):
             got, want = moe.model(**_batch(moe, jsonl, task)), ref.model(**_batch(ref, jsonl, task))
             assert torch.equal(got.logits, want.logits), task
