@@ -7,8 +7,9 @@ without pretrained weights (tiny, small) the CPU settings below. The published t
 assume pretrained CLIP / LLaVA / SAM-Med2D parts; a randomly initialised tower trained through a
 projector alone learns nothing, so such presets also train in full (`unfreeze`) the parts a stage
 exercises that would otherwise stay random (none by stage IV). Stage III never unfreezes the LLM:
-its attention, embeddings and lm_head must stay those of stage II, so that stage IV can put stage
-III's MLPs beside stage II's as experts of one model.
+its attention, embeddings and lm_head must stay those of stage II (but for the `[SEG]` rows, which
+upcycling takes from stage III), so that stage IV can put stage III's MLPs beside stage II's as
+experts of one model.
 """
 
 from __future__ import annotations
