@@ -16,16 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_model
 
 from medplib.config import MedPLIBConfig, preset
 from medplib.data.schema import Region, Turn
 from medplib.errors import CheckpointError, InputError
 from medplib.model.medplib import GenerationOutput, ImageFeatures, MedPLIBModel, SpecialIds
+from medplib.model.weights import DEFAULT_MAX_SHARD_BYTES, INDEX, WEIGHTS, has_weights, load_eager, load_lean, save_weights
 from medplib.processing import Encoded, Processor
 from medplib.tokenizer import IMAGE, REGION, SEG, build_tokenizer, load_tokenizer
 
-WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
@@ -47,6 +46,7 @@ class MedPLIB:
     def __init__(self, config: MedPLIBConfig, tokenizer: Any, model: MedPLIBModel):
         self.config, self.tokenizer, self.model = config, tokenizer, model
         self.processor = Processor(config, tokenizer)
+        self.quantize: str | None = None  # "int8" / "nf4" when from_pretrained quantised the LLM
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -62,8 +62,12 @@ class MedPLIB:
     def from_preset(cls, name: str, seed: int | None = 0, **overrides: Any) -> "MedPLIB":
         return cls.from_config(preset(name, **overrides), seed=seed)
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write config.json, model.safetensors and the tokenizer; the folder is self-contained."""
+    def save_pretrained(self, folder: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+        """Write config.json, the weights and the tokenizer; the folder is self-contained. Weights over
+        `max_shard_bytes` are written as HF-style shards with `model.safetensors.index.json`."""
+        if self.quantize is not None:
+            raise CheckpointError(f"a model quantised to {self.quantize} for inference cannot be saved: save the "
+                                  "full-precision model it was loaded from")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict()
@@ -73,35 +77,43 @@ class MedPLIB:
         cfg["llm"]["hf"] = _architecture(self.model.llm.config)
         if hasattr(self.model.vision.model, "config"):  # a transformers tower; the CNN's config is its kind
             cfg["vision"]["hf"] = _architecture(self.model.vision.model.config)
-        tmp = folder / (WEIGHTS + ".tmp")
-        save_model(self.model, str(tmp))
-        tmp.replace(folder / WEIGHTS)
+        save_weights(self.model, folder, max_shard_bytes=max_shard_bytes)
         (folder / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         self.tokenizer.save_pretrained(str(folder))
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "MedPLIB":
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        quantize: str | None = None, lean: bool = True) -> "MedPLIB":
+        """Load a model folder (one `model.safetensors` or sharded with an index).
+
+        `lean` (default) builds the model on the meta device and reads each tensor straight into `dtype` on
+        `device`: peak memory is about the weights, not a random fp32 model plus the file. `lean=False` is
+        the eager path (build at random in fp32, load, cast), kept for comparison.
+        `quantize` ("int8", or "nf4" on CUDA) quantises the LLM's Linear layers for inference; the vision
+        tower, pixel encoder, mask decoder and [SEG] projection stay in full precision (see
+        `medplib.model.quantize`)."""
+        from medplib.model.quantize import check_quantize, quantize_llm
+
         folder = Path(folder)
-        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-            raise CheckpointError(f"{folder} is not a medplib model folder (needs {CONFIG} and {WEIGHTS})")
+        if not (folder / CONFIG).is_file() or not has_weights(folder):
+            raise CheckpointError(f"{folder} is not a medplib model folder (needs {CONFIG} and {WEIGHTS} or {INDEX})")
+        load_device, dtype = check_quantize(quantize, device, dtype)
         config = MedPLIBConfig.load(folder / CONFIG)
         tok = load_tokenizer(folder)
-        model = MedPLIBModel(config, len(tok), _special_ids(tok))
-        try:
-            state = load_file(str(folder / WEIGHTS))
-        except Exception as exc:  # safetensors raises its own error types for truncated/foreign files
-            raise CheckpointError(f"{folder / WEIGHTS} is not a readable safetensors file: {exc}") from None
-        own = model.state_dict()
-        # safetensors stores a tied tensor once; the model's other name for it is filled by tying.
-        missing = [k for k in own if k not in state and not _is_tied(model, k)]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            raise CheckpointError(f"weights in {folder} do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.load_state_dict(state, strict=False)
-        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        ids = _special_ids(tok)
+        if lean:
+            model = load_lean(lambda: MedPLIBModel(config, len(tok), ids), folder, device=load_device, dtype=dtype)
+        else:
+            model = MedPLIBModel(config, len(tok), ids)
+            load_eager(model, folder)
+            model.to(device=load_device, dtype=dtype) if dtype is not None else model.to(load_device)
+        if quantize is not None:
+            quantize_llm(model, quantize, device)
         model.eval()
-        return cls(config, tok, model)
+        out = cls(config, tok, model)
+        out.quantize = quantize
+        return out
 
     # ------------------------------------------------------------------ use
     @property
@@ -182,8 +194,3 @@ _NOT_ARCHITECTURE = ("architectures", "transformers_version", "model_type", "dty
 def _architecture(hf_config: Any) -> dict[str, Any]:
     return {k: v for k, v in hf_config.to_diff_dict().items() if k not in _NOT_ARCHITECTURE}
 
-
-def _is_tied(model: torch.nn.Module, key: str) -> bool:
-    # safetensors keeps one name of a tied pair, which may be either the input or the output embedding.
-    tied = bool(getattr(model.llm.config, "tie_word_embeddings", False))
-    return tied and key.endswith(("lm_head.weight", "embed_tokens.weight"))

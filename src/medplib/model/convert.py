@@ -148,13 +148,20 @@ class _SafetensorsFile:
         try:
             with open(path, "rb") as f:
                 n = struct.unpack("<Q", f.read(8))[0]
+                if n > path.stat().st_size - 8:  # not safetensors (e.g. a pickle): no header of that length
+                    raise ValueError(f"header length {n} exceeds the file")
                 header = json.loads(f.read(n))
             header.pop("__metadata__", None)
             self.header = {k: (_ST_DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
                            for k, v in header.items()}
         except (OSError, struct.error, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"cannot read {path} as safetensors: {exc!r}") from None
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc!r}") from None
         self.start = 8 + n
+        # A truncated file is caught here, before any tensor of it is used, not at the first short read.
+        end = self.start + max((off[1] for _, _, off in self.header.values()), default=0)
+        size = path.stat().st_size
+        if size < end:
+            raise CheckpointError(f"{path} is truncated: its header needs {end} bytes, the file has {size}")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -218,7 +225,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
             for (name, dtype, shape), (got, t) in zip(entries, tensors, strict=True):
                 if got != name or t.dtype != dtype or tuple(t.shape) != shape:
                     raise CheckpointError(f"internal order mismatch writing {path.name}: {got} for {name}")
-                f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     except BaseException:
         tmp.unlink(missing_ok=True)  # a source that fails mid-way leaves no partial file
         raise
