@@ -20,6 +20,7 @@ import torch
 from medplib.config import MedPLIBConfig, preset
 from medplib.data.schema import Region, Turn
 from medplib.errors import CheckpointError, InputError
+from medplib.model.decoding import DecodeRequest
 from medplib.model.medplib import GenerationOutput, ImageFeatures, MedPLIBModel, SpecialIds
 from medplib.model.weights import DEFAULT_MAX_SHARD_BYTES, INDEX, WEIGHTS, has_weights, load_eager, load_lean, save_weights
 from medplib.processing import Encoded, Processor
@@ -156,26 +157,61 @@ class MedPLIB:
 
         `history` is earlier (user, assistant) turns; `features` lets a caller reuse an image's
         features across questions (see `image_features`)."""
+        req = self.decode_request(question, regions, region_arrays, history,
+                                  features=features if features is not None else self.image_features(image),
+                                  max_new_tokens=max_new_tokens, temperature=temperature, on_token=on_token)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out: GenerationOutput = self.model.generate(
+                req.input_ids[None], req.features, req.pixel_values, req.region_masks, req.original_hw, req.pixel_valid_hw,
+                max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature, on_token=on_token,
+            )
+        finally:
+            self.model.train(was_training)
+        return self.answer(out)
+
+    def decode_request(
+        self,
+        question: str,
+        regions: Sequence[Region] = (),
+        region_arrays: Sequence[np.ndarray | None] | None = None,
+        history: Sequence[Turn] = (),
+        *,
+        features: tuple[Any, ImageFeatures],
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        on_token: Any = None,
+    ) -> DecodeRequest:
+        """One question about an image whose (ImageInputs, ImageFeatures) are given, checked and
+        encoded for the LLM (raises InputError for an empty question or a region count that does not
+        match the `<region>` placeholders)."""
         if not question.strip():
             raise InputError("the question is empty")
         turns = [*history, Turn(role="user", content=question)]
-        img, feats = features if features is not None else self.image_features(image)
+        img, feats = features
         ids, _ = self.processor.encode_conversation(turns, add_generation_prompt=True)
         n_tags = ids.count(self.processor.region_id)
         if n_tags != len(regions):
             raise InputError(f"the question has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
         arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
         region_masks = [self.processor.rasterize_region(r, img.original_hw, a).to(self.device) for r, a in zip(regions, arrays)]
+        return DecodeRequest(torch.tensor(ids, device=self.device), feats, img.pixel_values[None].to(self.device),
+                             region_masks, img.original_hw, img.pixel_valid_hw, max_new_tokens, temperature, None, on_token)
+
+    def generate_batch(self, requests: Sequence[DecodeRequest]) -> list[Answer | Exception]:
+        """Answer several requests (`decode_request`) decoded together, padded: per request its
+        Answer or the exception it alone raised. Greedy answers equal one-at-a-time answers."""
         was_training = self.model.training
         self.model.eval()
         try:
-            out: GenerationOutput = self.model.generate(
-                torch.tensor([ids], device=self.device), feats,
-                img.pixel_values[None].to(self.device), region_masks, img.original_hw, img.pixel_valid_hw,
-                max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature, on_token=on_token,
-            )
+            outs = self.model.generate_batch(list(requests))
         finally:
             self.model.train(was_training)
+        return [o if isinstance(o, Exception) else self.answer(o) for o in outs]
+
+    def answer(self, out: GenerationOutput) -> Answer:
+        """The model's output as text and (H, W) bool masks."""
         thr = self.config.mask_threshold
         return Answer(
             text=self.processor.decode(out.token_ids),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medplib.api import MedPLIB
+from medplib.api import Answer, MedPLIB
 from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
 from medplib.data.images import ImageData, read_image
 from medplib.data.schema import REGION_TOKEN, Region, Turn
@@ -57,13 +57,17 @@ class Prediction:
 
 @dataclass
 class Query:
-    """One question for `ask_many`: an image, the question and its regions."""
+    """One question for `ask_many` or `ask_batch`: an image, the question and its regions (the last
+    three fields are read by `ask_batch`; `ask_many` takes them as keyword arguments)."""
 
     image: Any
     question: str
     regions: Sequence[Region] = ()
     region_arrays: Sequence[np.ndarray | None] | None = None
     history: Sequence[Turn] = ()
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    on_text: Callable[[str], None] | None = None  # text deltas as they are decoded
 
 
 @dataclass
@@ -140,8 +144,9 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        **kwargs: Any) -> "Predictor":
-        return cls(MedPLIB.from_pretrained(folder, device=device, dtype=dtype), **kwargs)
+                        quantize: str | None = None, **kwargs: Any) -> "Predictor":
+        """`quantize`: None, "int8" (CPU or CUDA) or "nf4" (CUDA), see `MedPLIB.from_pretrained`."""
+        return cls(MedPLIB.from_pretrained(folder, device=device, dtype=dtype, quantize=quantize), **kwargs)
 
     # ------------------------------------------------------------------ image
     @property
@@ -233,9 +238,13 @@ class Predictor:
             dt = time.perf_counter() - t0
             entry.nbytes = _nbytes(entry.image, entry.features)
             image_s, self._image_s = self._image_s, 0.0
+        return self._prediction(ans, entry, len(prompt), image_s, dt)
+
+    def _prediction(self, ans: Answer, entry: _Entry, prompt_tokens: int, image_s: float, generate_s: float) -> Prediction:
         h, w = entry.image.original_hw
         n = len(ans.token_ids)
         finished = n > 0 and ans.token_ids[-1] == self.model.tokenizer.eos_token_id
+        dt = generate_s
         return Prediction(
             text=ans.text,
             masks=ans.masks,
@@ -243,10 +252,61 @@ class Predictor:
             scores=ans.scores,
             text_boxes=[grid_to_box(g, w, h, MED_GRIT_GRID) for g in parse_med_grit(ans.text) if max(g) <= MED_GRIT_GRID],
             token_ids=ans.token_ids,
-            prompt_tokens=len(prompt),
+            prompt_tokens=prompt_tokens,
             finish_reason="stop" if finished else "length",
             timings={"image_s": image_s, "generate_s": dt, "total_s": image_s + dt, "tokens_per_s": n / dt if dt > 0 else 0.0},
         )
+
+    def ask_batch(self, queries: Sequence[Query]) -> list[Prediction | Exception]:
+        """Answer several questions, each about its own image with its own regions, history, token
+        limit and text callback, decoded together in one padded batch (`MedPLIB.generate_batch`).
+
+        Returns per query its Prediction or the exception it alone raised (a bad image, region or
+        prompt, a failing callback): the others are answered as if it had not been there, and greedy
+        answers equal `ask`'s. An error of the batch as a whole is raised. `timings["generate_s"]`
+        is the batch's decoding time, shared by its answers; `timings["batch"]` its size."""
+        out: list[Prediction | Exception | None] = [None] * len(queries)
+        with self._lock:
+            ready: list[tuple[int, _Entry, float, Any]] = []
+            for i, q in enumerate(queries):
+                try:
+                    image_s = self.set_image(q.image)
+                    entry = self._current()  # held here: a later image of the batch may evict it from the cache
+                    self._image_s = 0.0
+                    question = with_placeholders(q.question, len(q.regions), q.history)
+                    req = self.model.decode_request(question, q.regions, q.region_arrays, q.history,
+                                                    features=(entry.image, entry.features), max_new_tokens=q.max_new_tokens,
+                                                    temperature=q.temperature, on_token=self._on_token(q.on_text))
+                except Exception as exc:  # noqa: BLE001 - this query's own failure
+                    out[i] = exc
+                    continue
+                ready.append((i, entry, image_s, req))
+            t0 = time.perf_counter()
+            answers = self.model.generate_batch([r[3] for r in ready]) if ready else []
+            dt = time.perf_counter() - t0
+            for (i, entry, image_s, req), ans in zip(ready, answers):
+                entry.nbytes = _nbytes(entry.image, entry.features)
+                if isinstance(ans, Exception):
+                    out[i] = ans
+                    continue
+                pred = self._prediction(ans, entry, int(req.input_ids.numel()), image_s, dt)
+                pred.timings["batch"] = float(len(ready))
+                out[i] = pred
+        return out  # type: ignore[return-value]
+
+    def _on_token(self, on_text: Callable[[str], None] | None) -> Callable[[int], None] | None:
+        """A token callback that detokenises incrementally and hands on the text deltas."""
+        if on_text is None:
+            return None
+        proc = self.model.processor
+        stream = TextStream(proc.decode, skip=(proc.tokenizer.eos_token_id, proc.tokenizer.pad_token_id))
+
+        def on_token(tid: int) -> None:
+            delta = stream.push(tid)
+            if delta:
+                on_text(delta)
+
+        return on_token
 
     def segment(self, target: str, regions: Sequence[Region] = (), **kwargs: Any) -> Prediction:
         """Ground `target` ("polyp", "liver", ...) with the grounding question the model was trained on."""

@@ -3,12 +3,12 @@ region tokens from the region encoder, and `[SEG]` hidden states -> projection -
 
 This module knows nothing about training recipes or data formats: `forward` takes a collated
 batch from `medplib.processing.Processor` and returns the losses; `generate` decodes one sample
-with the KV cache and turns every emitted `[SEG]` into a mask at the original image size.
+(`generate_batch` several, padded; see `medplib.model.decoding`) with the KV cache and turns every
+emitted `[SEG]` into a mask at the original image size.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from medplib.config import MedPLIBConfig
 from medplib.errors import CheckpointError, InputError
 from medplib.model import packaged
+from medplib.model.decoding import MIN_SAMPLING_TEMPERATURE, DecodeRequest, generate_batch
+from medplib.model.decoding import masks as decoding_masks
 from medplib.model.efficientnet import load_imagenet
 from medplib.model.losses import bce_loss, dice_loss, focal_loss, soft_iou
 from medplib.model.mask_decoder import MaskDecoder, postprocess_masks
@@ -30,9 +32,6 @@ from medplib.model.sam_checkpoint import load_sam_checkpoint
 from medplib.model.vision import VisionTower, build_projector
 
 IGNORE_INDEX = -100
-# Temperatures below this decode greedily: sampling at them is greedy but for exact ties, and logits / t
-# overflows to inf (NaN probabilities) as t nears 0 (1e-300, 5e-324).
-MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -147,6 +146,8 @@ class MedPLIBModel(nn.Module):
             from medplib.model.moe import replace_mlps_with_moe
 
             replace_mlps_with_moe(self.llm, cfg.moe)
+        # How cached decoding runs its steps: "eager" (the reference), "static" or "compiled" (decoding.py).
+        self.decode_mode = "eager"
 
     # ------------------------------------------------------------------ parts
     def _moe_layers(self) -> list[nn.Module]:
@@ -284,19 +285,11 @@ class MedPLIBModel(nn.Module):
         return MedPLIBOutput(loss=loss, logits=logits, parts=parts, mask_logits=mask_logits)
 
     # ------------------------------------------------------------------ inference
-    def _prefill(self, decoder: nn.Module, seq: torch.Tensor, ids: torch.Tensor, features: ImageFeatures) -> Any:
-        """Run the prompt through the decoder with a cache, reusing the image's prefix cache.
-
-        The prefix ends after the image tokens (`<im_end>`), before the question, so it is the
-        same for every question about the image: a second question pays only for its own tokens."""
-        n = int(torch.nonzero(ids == self.ids.image)[-1]) + 2
-        if n >= ids.numel():
-            return decoder(inputs_embeds=seq, use_cache=True)
-        if features.prefix_ids is None or not torch.equal(features.prefix_ids, ids[:n]):
-            features.prefix_cache = decoder(inputs_embeds=seq[:, :n], use_cache=True).past_key_values
-            features.prefix_ids = ids[:n].clone()
-        # The stored cache must stay at the prefix: generation appends to a copy.
-        return decoder(inputs_embeds=seq[:, n:], past_key_values=copy.deepcopy(features.prefix_cache), use_cache=True)
+    @torch.no_grad()
+    def generate_batch(self, requests: list[DecodeRequest], mode: str | None = None) -> list[GenerationOutput | Exception]:
+        """Decode several prompts together, padded (`medplib.model.decoding.generate_batch`): per
+        request its output or the exception it alone raised. `mode` defaults to `decode_mode`."""
+        return generate_batch(self, requests, mode)
 
     @torch.no_grad()
     def generate(
@@ -317,9 +310,18 @@ class MedPLIBModel(nn.Module):
         """Decode one sample: input_ids (1, T) ending with `ASSISTANT:`; pixel_values (1, 3, Sp, Sp).
 
         Greedy when temperature < MIN_SAMPLING_TEMPERATURE. `features.pixel` is computed on the first `[SEG]` only
-        (and kept, so a later question on the same image reuses it)."""
+        (and kept, so a later question on the same image reuses it). With the cache this is a batch
+        of one of `generate_batch` (the image's prefix cache reused); without it, every step reruns
+        the whole sequence (the slow reference)."""
         if input_ids.shape[0] != 1:
             raise InputError("generate decodes one sample at a time")
+        if use_cache:
+            req = DecodeRequest(input_ids[0], features, pixel_values, region_masks, original_hw, pixel_valid_hw,
+                                max_new_tokens, temperature, generator, on_token)
+            out = self.generate_batch([req])[0]
+            if isinstance(out, Exception):
+                raise out
+            return out
         max_new = max_new_tokens or self.cfg.max_new_tokens
         limit = getattr(self.llm.config, "max_position_embeddings", None)
         if limit is not None:
@@ -329,7 +331,7 @@ class MedPLIBModel(nn.Module):
         decoder, head = self.llm.get_decoder(), self.llm.get_output_embeddings()
         embed_tokens = self.llm.get_input_embeddings()
         seq = self.embed(input_ids, features.vision, [region_masks])
-        out = self._prefill(decoder, seq, input_ids[0], features) if use_cache else decoder(inputs_embeds=seq, use_cache=False)
+        out = decoder(inputs_embeds=seq, use_cache=False)
         tokens: list[int] = []
         seg_hidden: list[torch.Tensor] = []
         for _ in range(max_new):
@@ -346,18 +348,7 @@ class MedPLIBModel(nn.Module):
                 seg_hidden.append(h[0])
             if nxt == self.ids.eos:
                 break
-            step = embed_tokens(torch.tensor([[nxt]], device=input_ids.device))
-            if use_cache:
-                out = decoder(inputs_embeds=step, past_key_values=out.past_key_values, use_cache=True)
-            else:
-                seq = torch.cat([seq, step], dim=1)
-                out = decoder(inputs_embeds=seq, use_cache=False)
-        if not seg_hidden:
-            return GenerationOutput(tokens, [], [])
-        if features.pixel is None:
-            features.pixel = self.encode_pixels(pixel_values)
-        n = len(seg_hidden)
-        masks, iou = self.decode_masks(
-            features.pixel.expand(n, -1, -1, -1), torch.stack(seg_hidden), [original_hw] * n, [pixel_valid_hw] * n
-        )
-        return GenerationOutput(tokens, [m.float() for m in masks], iou.float().tolist())
+            seq = torch.cat([seq, embed_tokens(torch.tensor([[nxt]], device=input_ids.device))], dim=1)
+            out = decoder(inputs_embeds=seq, use_cache=False)
+        req = DecodeRequest(input_ids[0], features, pixel_values, region_masks, original_hw, pixel_valid_hw)
+        return decoding_masks(self, req, tokens, seg_hidden, GenerationOutput)
