@@ -327,12 +327,12 @@ def create_app(predictor: Predictor, settings: ServerSettings) -> FastAPI:
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          settings: ServerSettings | None = None) -> None:
+          settings: ServerSettings | None = None, quantize: str | None = None) -> None:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
     settings = settings or ServerSettings(model_name=Path(model).name)
-    app = create_app(Predictor.from_pretrained(model, device=device), settings)
+    app = create_app(Predictor.from_pretrained(model, device=device, quantize=quantize), settings)
     if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -13,6 +13,9 @@ import typer
 
 from medplib.errors import InputError
 
+QUANTIZE_HELP = ("int8 or nf4: the LLM's Linear layers quantised (int8 on the CPU: torch dynamic int8; on CUDA: "
+                 "bitsandbytes int8 / nf4); vision, pixel encoder, mask decoder and [SEG] projection stay full precision")
+
 
 def _numbers(text: str, n: int, what: str) -> tuple[float, ...]:
     parts = text.replace(" ", "").split(",")
@@ -52,6 +55,7 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Ask one question about one image. Regions are used in this order: points, boxes, masks."""
     from PIL import Image
@@ -72,7 +76,7 @@ def ask(
     arrays: list[np.ndarray | None] = [None] * (len(point) + len(box)) + [read_mask_image(m) for m in region_mask]
 
     data = read_image(_image_ref(image, slice_index, axis))
-    predictor = Predictor.from_pretrained(model, device=device)
+    predictor = Predictor.from_pretrained(model, device=device, quantize=quantize)
     predictor.set_image(data.rgb)
     if as_json:
         pred = predictor.ask(question, regions, arrays, max_new_tokens=max_new_tokens)
@@ -132,6 +136,7 @@ def serve(
     max_messages: int = typer.Option(64, help="most messages in a conversation (400 beyond)"),
     max_regions: int = typer.Option(16, help="most region prompts in a request (400 beyond)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat API, /v1/segment and a web page at /."""
     try:
@@ -141,9 +146,12 @@ def serve(
         sys.exit(2)
     if not (model / "config.json").is_file():
         raise InputError(f"{model} is not a medplib model folder (needs config.json)")
+    from medplib.model.quantize import check_quantize
+
+    check_quantize(quantize, device, None)  # a bad --quantize fails here, before the model loads
     settings = ServerSettings(model_name=model_name or model.resolve().name, api_key=api_key,
                               max_upload_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                               queue_size=queue_size, max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars,
                               max_messages=max_messages, max_regions=max_regions)
     typer.echo(f"serving {settings.model_name} on http://{host}:{port}/ (API at /v1, web page at /)", err=True)
-    run_server(model, host=host, port=port, device=device, settings=settings)
+    run_server(model, host=host, port=port, device=device, settings=settings, quantize=quantize)
