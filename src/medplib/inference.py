@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ from medplib.data.schema import REGION_TOKEN, Region, Turn
 from medplib.errors import InputError
 from medplib.model.medplib import ImageFeatures
 from medplib.processing import ImageInputs
+
+if TYPE_CHECKING:
+    from medplib.data.volume import Volume
+    from medplib.volume_inference import VolumePrediction, VolumeSlices, VoxelRegion
 
 SEGMENT_TEMPLATE = "Please segment the {target}."  # the MeCoVQA-G / Kvasir grounding question
 
@@ -104,6 +108,11 @@ def as_rgb(image: Any) -> np.ndarray:
     return rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy warns on read-only arrays
 
 
+def _image_key(rgb: np.ndarray) -> str:
+    """The feature cache's key: a hash of the pixels and the shape."""
+    return hashlib.blake2b(rgb.tobytes(), digest_size=16, person=str(rgb.shape).encode()[:16]).hexdigest()
+
+
 def _nbytes(img: ImageInputs, feats: ImageFeatures) -> int:
     tensors = [img.vision_pixels, img.pixel_values]
     return sum(t.numel() * t.element_size() for t in tensors) + feats.nbytes()
@@ -140,6 +149,7 @@ class Predictor:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._key: str | None = None
         self._image_s = 0.0  # what set_image spent, reported by the next question
+        self._volume: VolumeSlices | None = None  # what set_volume made current
         self._lock = threading.RLock()
 
     @classmethod
@@ -163,7 +173,7 @@ class Predictor:
         """Make `image` current, computing its vision and pixel features unless they are cached.
         Returns the seconds spent computing (0.0 on a cache hit)."""
         rgb = as_rgb(image)
-        key = hashlib.blake2b(rgb.tobytes(), digest_size=16, person=str(rgb.shape).encode()[:16]).hexdigest()
+        key = _image_key(rgb)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -346,3 +356,54 @@ class Predictor:
                 self.set_image(rgbs[i])
                 results[i] = self.ask(q.question, q.regions, q.region_arrays, q.history, **kwargs)
         return [results[i] for i in range(len(queries))]
+
+    # ------------------------------------------------------------------ volumes
+    def prefetch(self, images: Sequence[Any]) -> float:
+        """Compute the features of the images not yet cached in one batched forward pass per tower
+        and cache them (the last one stays current). Returns the seconds spent."""
+        rgbs = [as_rgb(im) for im in images]
+        with self._lock:
+            keys = [_image_key(rgb) for rgb in rgbs]
+            todo = {k: rgb for k, rgb in zip(keys, rgbs) if k not in self._cache}
+            if not todo:
+                return 0.0
+            t0 = time.perf_counter()
+            model, dev = self.model, self.model.device
+            dtype = next(model.model.parameters()).dtype
+            prepared = [model.processor.prepare_image(rgb) for rgb in todo.values()]
+            with torch.no_grad():
+                vision = model.model.encode_vision(torch.stack([p.vision_pixels for p in prepared]).to(dev, dtype))
+                pixel = model.model.encode_pixels(torch.stack([p.pixel_values for p in prepared]).to(dev))
+            for b, (key, img) in enumerate(zip(todo, prepared)):
+                # clone: a cached slice must not keep the whole batch's storage alive
+                feats = ImageFeatures(vision=vision[b:b + 1].clone(), pixel=pixel[b:b + 1].clone())
+                self._cache[key] = _Entry(img, feats, _nbytes(img, feats))
+            self._key = keys[-1]
+            self._evict()
+            return time.perf_counter() - t0
+
+    def set_volume(self, volume: "Volume | str | Path", axis: int = 2, *, window: tuple[float, float] | None = None
+                   ) -> "VolumeSlices":
+        """Make a volume current for `ask_volume`: a Volume, a NIfTI file or a DICOM series folder,
+        cut along voxel axis `axis`; `window` (low, high) overrides the per-volume percentile
+        window. See medplib.volume_inference for how slices are shown to the model."""
+        from medplib.volume_inference import VolumeSlices, as_volume
+
+        with self._lock:
+            self._volume = VolumeSlices(as_volume(volume), axis, window)
+            return self._volume
+
+    def ask_volume(self, question: str, regions: "Sequence[VoxelRegion]" = (), **kwargs: Any) -> "VolumePrediction":
+        """Answer `question` about the current volume, slice by slice: a mask volume aligned with
+        the input and per-slice scores (keywords: slices, postprocess, batch_size, verbose,
+        max_new_tokens; see medplib.volume_inference.ask_volume)."""
+        from medplib.volume_inference import ask_volume
+
+        if self._volume is None:
+            raise InputError("no volume is set: call set_volume() first")
+        return ask_volume(self, self._volume, question, regions, **kwargs)
+
+    def segment_volume(self, target: str, regions: "Sequence[VoxelRegion]" = (), **kwargs: Any) -> "VolumePrediction":
+        """Ground `target` on every slice of the current volume (or every slice the regions touch)."""
+        kwargs.setdefault("slices", "all")
+        return self.ask_volume(SEGMENT_TEMPLATE.format(target=target.strip()), regions, **kwargs)
