@@ -68,9 +68,9 @@ def test_chatml_prompt_and_labels(lite: MedPLIB) -> None:
     turns = [Turn(role="user", content="What modality is this?"), Turn(role="assistant", content="MRI")]
     ids, labels = lite.processor.encode_conversation(turns)
     text = lite.tokenizer.decode([i for i in ids if i != lite.processor.image_id])
-    assert text.startswith("<|im_start|>system\nYou are a medical imaging assistant.")
-    assert text.endswith("<|im_start|>user\n<im_start><im_end>\nWhat modality is this?<|im_end|>\n"
-                          "<|im_start|>assistant\nMRI<|im_end|>")
+    # The lite preset has no system prompt, so no system turn: the prompt is the user turn alone.
+    assert text == ("<|im_start|>user\n<im_start><im_end>\nWhat modality is this?<|im_end|>\n"
+                    "<|im_start|>assistant\nMRI<|im_end|>")
     supervised = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
     assert lite.tokenizer.decode(supervised) == "MRI<|im_end|>"
     assert ids.count(lite.processor.image_id) == 16  # the 8 x 8 head map at 256 px, pooled to 4 x 4

@@ -207,7 +207,8 @@ class Processor:
         bos = self.tokenizer.bos_token_id
         ids: list[int] = [bos] if tpl.bos and bos is not None else []
         labels: list[int] = [IGNORE_INDEX] * len(ids)
-        prompt = tpl.system.format(system=self.config.system_prompt)
+        # An empty system prompt drops the system turn: on a CPU every prompt token costs each training step.
+        prompt = tpl.system.format(system=self.config.system_prompt) if self.config.system_prompt else ""
         for turn in turns:
             if turn.role == "user":
                 prompt += tpl.user.format(content=turn.content)
