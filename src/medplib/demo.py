@@ -36,7 +36,7 @@ from medplib.visualize import overlay
 
 # Optimizer steps for stages I-IV at a global batch of 8, per preset. From random weights (small), stage I
 # (captions and VQA) is where the towers learn that answers depend on the image; grounding learns slowest.
-DEMO_STEPS = {"lite": (20, 50, 70, 20), "small": (120, 120, 240, 160)}
+DEMO_STEPS = {"lite": (20, 50, 60, 20), "small": (120, 120, 240, 160)}
 DEFAULT_PRESET = "lite"
 # The questions the demo trains on: captions (stage I's alignment) and the three kinds it scores. In a
 # 15-minute CPU budget each extra kind takes steps from these (measured with lite through stages I-IV at
@@ -44,7 +44,7 @@ DEFAULT_PRESET = "lite"
 # 0.14 -> 0.36 when the other VQA, region and box kinds are left out).
 DEMO_TASKS = ("caption", "grounding")
 DEMO_KINDS = ("modality", "label")
-MAX_EVAL = 60  # test questions per task
+MAX_EVAL = 50  # test questions per task
 TEST_FRACTION = 0.2  # of the image groups: enough unseen images for >= 50 questions per task
 @dataclass
 class DemoResult:
