@@ -4,7 +4,9 @@
    content-keyed cache must recognise the image again): ratio of median latencies;
 2. decoding tokens/s with the KV cache on vs off (same prompts, greedy, so the same tokens);
 3. N requests at concurrency C against `medplib serve` over loopback HTTP: p50/p99 latency,
-   requests/s, errors.
+   requests/s, errors;
+4. the same load at concurrency 1, 4 and 8 (`--levels`), one request at a time (max_batch 1) vs
+   decoded together (`--max-batch`), with the answers compared (`--only-batched`: just this).
 
     python benchmarks/bench_serving.py --model runs/demo/model
     python benchmarks/bench_serving.py            # trains the test suite's tiny Kvasir model first
@@ -141,6 +143,45 @@ def bench_http(model: Path, images: list, n_requests: int, concurrency: int, rep
              requests_per_s=round(n_requests / wall, 2))
 
 
+def bench_batched(model: Path, images: list, n_requests: int, concurrencies: list[int], max_batch: int,
+                  decode: str) -> None:
+    """Requests/s and p50/p99 latency at each concurrency, one request at a time (max_batch 1) vs
+    decoded together (max_batch), in one run; the batched answers are checked against the unbatched ones."""
+    urls = ["data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode() for path, _, _ in images]
+    rows: dict[tuple[int, int], float] = {}
+    answers: dict[int, dict[int, str]] = {}
+    for batch in (1, max_batch):
+        app = create_app(Predictor.from_pretrained(model), ServerSettings(model_name="bench", max_batch=batch, decode=decode,
+                                                                          queue_size=max(64, n_requests)))
+        with background_server(app) as base, httpx.Client(timeout=300) as client:
+            def one(i: int) -> tuple[float, int, str]:
+                t0 = time.perf_counter()
+                r = client.post(base + "/v1/chat/completions", json=_request(urls[i % len(urls)]))
+                text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else ""
+                return time.perf_counter() - t0, r.status_code, text
+
+            for url in urls:  # warm: every image's features cached, as in a steady-state server
+                client.post(base + "/v1/chat/completions", json=_request(url)).raise_for_status()
+            for c in concurrencies:
+                app.state.server.worker.batch_sizes.clear()
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(c) as pool:
+                    results = list(pool.map(one, range(n_requests)))
+                wall = time.perf_counter() - t0
+                lat = [r[0] for r in results]
+                sizes = app.state.server.worker.batch_sizes
+                rows[(batch, c)] = n_requests / wall
+                answers.setdefault(batch, {}).update({i % len(urls): r[2] for i, r in enumerate(results)})
+                emit(bench="serve_load", max_batch=batch, decode=decode, concurrency=c, requests=n_requests,
+                     errors=sum(r[1] != 200 for r in results), p50_ms=round(pct(lat, 50) * 1e3, 1),
+                     p99_ms=round(pct(lat, 99) * 1e3, 1), requests_per_s=round(rows[(batch, c)], 2),
+                     mean_batch=round(float(np.mean(sizes)), 2) if sizes else 0.0)
+    for c in concurrencies:
+        emit(bench="serve_batched_over_unbatched", concurrency=c, max_batch=max_batch,
+             requests_per_s_ratio=round(rows[(max_batch, c)] / rows[(1, c)], 2),
+             same_answers=answers[1] == answers[max_batch])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, help="a saved medplib model folder (default: train the tiny Kvasir model)")
@@ -151,6 +192,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady figures on a shared machine)")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8], help="concurrencies of the batched-vs-not load test")
+    ap.add_argument("--max-batch", type=int, default=8, help="the batched server's max_batch")
+    ap.add_argument("--decode", default="eager", help="the servers' decode mode (eager, static, compiled)")
+    ap.add_argument("--only-batched", action="store_true", help="run only the batched-vs-not load test")
     ap.add_argument("--preset", action="append", default=[],
                     help="also time the first/second question on a random-init preset (answers fixed at 9 tokens)")
     args = ap.parse_args()
@@ -159,6 +204,9 @@ def main() -> None:
     model = args.model or train_tiny(args.data, REPO / "runs" / "bench_serving" / "model")
     images = kvasir(args.data, args.images)
     emit(bench="setup", model=str(model), images=len(images), torch_threads=args.threads, cpus=os.cpu_count())
+    if args.only_batched:
+        bench_batched(model, images, args.requests, args.levels, args.max_batch, args.decode)
+        return
     bench_second_question(model, images, args.repeats, None)
     for name in args.preset:
         from medplib.api import MedPLIB
@@ -167,6 +215,7 @@ def main() -> None:
         bench_second_question(folder, images[:2], 1, 9)
     bench_kv_cache(model, images, args.max_new_tokens)
     bench_http(model, images, args.requests, args.concurrency, args.repeats)
+    bench_batched(model, images, args.requests, args.levels, args.max_batch, args.decode)
 
 
 if __name__ == "__main__":

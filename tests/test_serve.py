@@ -183,8 +183,8 @@ def test_full_queue_answers_429_then_recovers(kvasir_model: Path, kvasir: tuple)
     app = create_app(Predictor.from_pretrained(kvasir_model), ServerSettings(model_name=MODEL, queue_size=2))
     server_state = app.state.server
     gate = threading.Event()
-    run = server_state.run
-    server_state.run = lambda job, on_text=None: (gate.wait(30), run(job, on_text))[1]  # hold the model thread
+    ask_batch = server_state.predictor.ask_batch
+    server_state.predictor.ask_batch = lambda queries: (gate.wait(30), ask_batch(queries))[1]  # hold the model thread
     body = {"model": MODEL, "messages": _messages(_data_url(kvasir[0])), "max_tokens": 3}
     with background_server(app) as base, ThreadPoolExecutor(3) as pool:
         # one request runs (blocked), two wait: the queue is full

@@ -4,7 +4,8 @@ list, health, an image preview for the web page, and the web page itself at `/`.
 Every request is checked (API key, body bytes, schema, prompt length in characters, messages,
 regions and tokens, image format and pixels, regions) before it is queued, so bad input costs no
 model time and gets a 4xx JSON error; the model runs on one thread behind a bounded queue
-(`worker.py`). The OpenAPI schema at `/openapi.json` describes every request body."""
+(`worker.py`), which decodes the chat and segment requests waiting for it together, up to
+`max_batch` (padded; greedy answers equal one-at-a-time answers). The OpenAPI schema at `/openapi.json` describes every request body."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medplib.data.schema import REGION_TOKEN, Region, Turn
 from medplib.errors import InputError, MedplibError
-from medplib.inference import SEGMENT_TEMPLATE, Prediction, Predictor, with_placeholders
+from medplib.model.decoding import DECODE_MODES
+from medplib.inference import SEGMENT_TEMPLATE, Prediction, Predictor, Query, with_placeholders
 from medplib.serving import schemas
 from medplib.serving.errors import ClientClosed, PromptTooLong, Unauthorized, UnknownModel, error_body, status_of
 from medplib.serving.inputs import decode_data_url, decode_image, read_body, region_arrays
@@ -55,6 +57,10 @@ class ServerSettings:
     max_prompt_chars: int = 32_000  # characters over every message's text
     max_messages: int = 64
     max_regions: int = 16
+    # Concurrent chat/segment requests decoded together (1: one at a time), and how decoding steps
+    # run: "eager", "static" (preallocated KV cache) or "compiled" (that step under torch.compile).
+    max_batch: int = 8
+    decode: str = "eager"
 
 
 @dataclass
@@ -120,7 +126,10 @@ class Server:
 
     def __init__(self, predictor: Predictor, settings: ServerSettings):
         self.predictor, self.settings = predictor, settings
-        self.worker = ModelWorker(settings.queue_size)
+        self.worker = ModelWorker(settings.queue_size, settings.max_batch, self.run_batch)
+        if settings.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}; got {settings.decode!r}")
+        predictor.model.model.decode_mode = settings.decode
         self.created = int(time.time())
 
     # ---------------------------------------------------------------- checks
@@ -187,6 +196,11 @@ class Server:
     async def chat(self, request: Request) -> Any:
         self.authorize(request)
         req = _parse(schemas.ChatRequest, await read_body(request, self.settings.max_upload_bytes))
+    def run_batch(self, items: list[tuple[Job, Callable[[str], None] | None]]) -> list[Prediction | Exception]:
+        """On the model thread: (job, text callback) pairs decoded together, one result or exception each."""
+        return self.predictor.ask_batch([Query(j.rgb, j.question, j.regions, j.arrays, j.history, j.max_new_tokens,
+                                               j.temperature, on_text) for j, on_text in items])
+
         self.check_model(req.model)
         if len(req.messages) > self.settings.max_messages:  # system messages count: they are parsed too
             raise PromptTooLong(f"{len(req.messages)} messages are over the limit of {self.settings.max_messages}")
@@ -195,7 +209,7 @@ class Server:
                                       req.max_completion_tokens or req.max_tokens, req.temperature or 0.0)
         rid, created, png = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.medplib.return_png
         if not req.stream:
-            pred = await self.worker.submit(lambda: self.run(job))
+            pred = await self.worker.submit_batched((job, None))
             return JSONResponse(schemas.completion(pred, id=rid, model=self.settings.model_name, created=created, return_png=png))
 
         loop = asyncio.get_running_loop()
@@ -204,7 +218,7 @@ class Server:
         def on_text(delta: str) -> None:  # model thread -> event loop
             loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
 
-        fut = self.worker.submit(lambda: self.run(job, on_text))  # raises QueueFull before any byte is sent
+        fut = self.worker.submit_batched((job, on_text))  # raises QueueFull before any byte is sent
         fut.add_done_callback(lambda f: events.put_nowait(("done", f)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(self._sse(rid, created, events, png, include_usage), media_type="text/event-stream",
@@ -249,7 +263,7 @@ class Server:
         if not question.strip() or (req.target is not None and not req.target.strip()):
             raise InputError("the question is empty")
         job = await run_in_threadpool(self.job, req.image, question, req.regions, [], req.max_tokens, 0.0)
-        pred = await self.worker.submit(lambda: self.run(job))
+        pred = await self.worker.submit_batched((job, None))
         return JSONResponse({"id": f"seg-{uuid.uuid4().hex}", "object": "segmentation", "model": self.settings.model_name,
                              "text": pred.text, **schemas.extension(pred, req.return_png)})
 

@@ -135,6 +135,9 @@ def serve(
     max_prompt_chars: int = typer.Option(32_000, help="largest conversation text, in characters (400 beyond)"),
     max_messages: int = typer.Option(64, help="most messages in a conversation (400 beyond)"),
     max_regions: int = typer.Option(16, help="most region prompts in a request (400 beyond)"),
+    max_batch: int = typer.Option(8, help="concurrent chat/segment requests decoded together (1: one at a time)"),
+    decode: str = typer.Option("eager", help="decoding steps: eager, static (preallocated KV cache) or compiled "
+                               "(that step under torch.compile; compiles once per batch size and length bucket)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
@@ -149,9 +152,14 @@ def serve(
     from medplib.model.quantize import check_quantize
 
     check_quantize(quantize, device, None)  # a bad --quantize fails here, before the model loads
+    from medplib.model.decoding import DECODE_MODES
+
+    if decode not in DECODE_MODES or max_batch < 1:  # before the model loads
+        raise InputError(f"--decode must be one of {', '.join(DECODE_MODES)} and --max-batch at least 1")
     settings = ServerSettings(model_name=model_name or model.resolve().name, api_key=api_key,
                               max_upload_bytes=int(max_upload_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                               queue_size=queue_size, max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars,
-                              max_messages=max_messages, max_regions=max_regions)
+                              max_messages=max_messages, max_regions=max_regions,
+                              max_batch=max_batch, decode=decode)
     typer.echo(f"serving {settings.model_name} on http://{host}:{port}/ (API at /v1, web page at /)", err=True)
     run_server(model, host=host, port=port, device=device, settings=settings, quantize=quantize)
