@@ -146,23 +146,31 @@ def bench_http(model: Path, images: list, n_requests: int, concurrency: int, rep
 def bench_batched(model: Path, images: list, n_requests: int, concurrencies: list[int], max_batch: int,
                   decode: str) -> None:
     """Requests/s and p50/p99 latency at each concurrency, one request at a time (max_batch 1) vs
-    decoded together (max_batch), in one run; the batched answers are checked against the unbatched ones."""
+    decoded together (max_batch), in one run; the batched answers are checked against the unbatched ones.
+    Both servers run side by side and take turns at each concurrency, so a change in the machine's
+    load hits both alike."""
+    from contextlib import ExitStack
+
     urls = ["data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode() for path, _, _ in images]
     rows: dict[tuple[int, int], float] = {}
     answers: dict[int, dict[int, str]] = {}
-    for batch in (1, max_batch):
-        app = create_app(Predictor.from_pretrained(model), ServerSettings(model_name="bench", max_batch=batch, decode=decode,
-                                                                          queue_size=max(64, n_requests)))
-        with background_server(app) as base, httpx.Client(timeout=300) as client:
-            def one(i: int) -> tuple[float, int, str]:
-                t0 = time.perf_counter()
-                r = client.post(base + "/v1/chat/completions", json=_request(urls[i % len(urls)]))
-                text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else ""
-                return time.perf_counter() - t0, r.status_code, text
-
+    with ExitStack() as stack, httpx.Client(timeout=300) as client:
+        servers = {}
+        for batch in (1, max_batch):
+            app = create_app(Predictor.from_pretrained(model), ServerSettings(model_name="bench", max_batch=batch, decode=decode,
+                                                                              queue_size=max(64, n_requests)))
+            base = stack.enter_context(background_server(app))
             for url in urls:  # warm: every image's features cached, as in a steady-state server
                 client.post(base + "/v1/chat/completions", json=_request(url)).raise_for_status()
-            for c in concurrencies:
+            servers[batch] = (app, base)
+        for c in concurrencies:
+            for batch, (app, base) in servers.items():
+                def one(i: int, base: str = base) -> tuple[float, int, str]:
+                    t0 = time.perf_counter()
+                    r = client.post(base + "/v1/chat/completions", json=_request(urls[i % len(urls)]))
+                    text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else ""
+                    return time.perf_counter() - t0, r.status_code, text
+
                 app.state.server.worker.batch_sizes.clear()
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(c) as pool:
