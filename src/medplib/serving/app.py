@@ -57,6 +57,10 @@ class ServerSettings:
     max_prompt_chars: int = 32_000  # characters over every message's text
     max_messages: int = 64
     max_regions: int = 16
+    # Volume uploads (/v1/volume/*): request body bytes, voxels, and files in a DICOM zip.
+    max_volume_bytes: int = 256 << 20
+    max_volume_voxels: int = 512 * 512 * 320
+    max_volume_files: int = 4096
     # Concurrent chat/segment requests decoded together (1: one at a time), and how decoding steps
     # run: "eager", "static" (preallocated KV cache) or "compiled" (that step under torch.compile).
     max_batch: int = 8
@@ -334,6 +338,9 @@ def create_app(predictor: Predictor, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/v1/segment", server.segment, methods=["POST"])
     app.add_api_route("/v1/preview", server.preview, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
+    from medplib.serving.volumes import register as register_volumes
+
+    register_volumes(app, server)  # /v1/volume/segment and /v1/volume/preview
     app.add_api_route("/healthz", server.health, methods=["GET"])
     app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

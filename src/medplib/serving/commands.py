@@ -42,17 +42,24 @@ def _mask_paths(path: Path, n: int) -> list[Path]:
 
 
 def ask(
-    image: Path = typer.Argument(..., help="PNG/JPG/TIFF, DICOM, or NIfTI (with --slice) image file"),
+    image: Path = typer.Argument(..., help="PNG/JPG/TIFF, DICOM, or NIfTI (with --slice) image file; or a volume: a NIfTI file or a DICOM series folder (see --volume)"),
     question: str = typer.Argument(..., help="the question; <region> marks where a region goes (appended if absent)"),
     model: Path = typer.Option(..., "--model", help="a saved medplib model folder"),
-    point: list[str] = typer.Option([], "--point", help="x,y in pixels (repeatable)"),
-    box: list[str] = typer.Option([], "--box", help="x1,y1,x2,y2 in pixels (repeatable)"),
+    point: list[str] = typer.Option([], "--point", help="x,y in pixels; i,j,k voxels on a volume (repeatable)"),
+    box: list[str] = typer.Option([], "--box", help="x1,y1,x2,y2 in pixels; i1,j1,k1,i2,j2,k2 voxels (inclusive) on a volume (repeatable)"),
     region_mask: list[Path] = typer.Option([], "--region-mask", help="free-form region as a mask image (repeatable)"),
     slice_index: Optional[int] = typer.Option(None, "--slice", help="NIfTI slice index (default: middle) or DICOM/TIFF frame"),
     axis: int = typer.Option(2, help="NIfTI slice axis: 0 sagittal, 1 coronal, 2 axial"),
-    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="write the mask as PNG (more masks: NAME_2.png, ...)"),
+    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="write the mask as PNG (more masks: NAME_2.png, ...); a .nii/.nii.gz name writes a volume's mask"),
     overlay_out: Optional[Path] = typer.Option(None, "--overlay-out", help="write the image with masks and regions drawn"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
+    volume: bool = typer.Option(False, "--volume", help="treat IMAGE as a volume and answer slice by slice along "
+                                "--axis (implied by a folder, a NIfTI --mask-out or --dicom-seg-out); --slice then "
+                                "names the slice to ask"),
+    dicom_seg_out: Optional[Path] = typer.Option(None, "--dicom-seg-out", help="write a volume's mask as DICOM SEG "
+                                                 "over the input DICOM series"),
+    postprocess: list[str] = typer.Option([], "--postprocess", help="3-D post-processing of a volume's mask: "
+                                          "largest_component, consistency (repeatable, in order)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
@@ -67,6 +74,14 @@ def ask(
     from medplib.inference import Prediction, Predictor
     from medplib.visualize import overlay
 
+    from medplib.volume_commands import ask_volume_command, is_volume_request
+
+    if is_volume_request(image, mask_out, dicom_seg_out, volume):
+        ask_volume_command(image, question, model=model, point=point, box=box, region_mask=region_mask,
+                           slice_index=slice_index, axis=axis, mask_out=mask_out, dicom_seg_out=dicom_seg_out,
+                           overlay_out=overlay_out, postprocess=postprocess, as_json=as_json,
+                           max_new_tokens=max_new_tokens, device=device, quantize=quantize)
+        return
     regions: list[Any] = [PointRegion(point=_numbers(p, 2, "point")) for p in point]
     try:
         regions += [BoxRegion(box=_numbers(b, 4, "box")) for b in box]

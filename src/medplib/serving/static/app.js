@@ -247,6 +247,7 @@ async function showMasks(masks) {
 
 $("ask-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
+  if (typeof volumeActive === "function" && volumeActive()) return askVolume();  // volume.js
   const question = $("question").value.trim();
   if (!question || !state.image || state.busy) return;
   state.busy = true; $("ask").disabled = true;
