@@ -32,6 +32,7 @@ class Source(str, Enum):
     mecovqa = "mecovqa"
     med_grit = "med-grit"
     phantoms = "phantoms"
+    volumes = "volumes"
 
 
 class ExportFormat(str, Enum):
@@ -51,11 +52,13 @@ def build(
     out: Path = typer.Option(..., "--out", help="output folder: samples.jsonl and any written masks"),
     tasks: str = typer.Option(",".join(TASKS), help="comma-separated builder tasks (mask sources)"),
     seed: int = typer.Option(0, help="seed for phrasings, region prompts and splits"),
-    modality: Optional[str] = typer.Option(None, help="modality when the source does not say (sa-med2d, lvit)"),
+    modality: Optional[str] = typer.Option(None, help="modality when the source does not say (sa-med2d, lvit, volumes)"),
     target: Optional[str] = typer.Option(None, help="what the LViT masks segment (default from the dataset name)"),
     image_dir: Optional[Path] = typer.Option(None, help="image folder for VQA, MeCoVQA and Med-GRIT files"),
     n: int = typer.Option(90, help="number of phantoms"),
     size: int = typer.Option(256, help="phantom size in pixels"),
+    axis: int = typer.Option(2, help="volumes: the voxel axis to slice along (all slices of a volume share a split)"),
+    step: int = typer.Option(1, help="volumes: take every STEP-th slice"),
     val_fraction: float = typer.Option(0.1, help="share of groups drawn into val (sources without a split)"),
     test_fraction: float = typer.Option(0.1, help="share of groups drawn into test"),
     box_format: str = typer.Option("med-grit", help="boxes in answer text: med-grit (0-1000) or minigpt (0-100)"),
@@ -81,7 +84,7 @@ def build(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             samples = build_source(source.value, src if src is not None else out, out, cfg, modality=modality,
-                                   target=target, image_dir=image_dir, n=n, size=size)
+                                   target=target, image_dir=image_dir, n=n, size=size, axis=axis, step=step)
             path = out / "samples.jsonl"
             count = write_jsonl(samples, path)
         for w in caught:

@@ -23,6 +23,7 @@ class Benchmark(str, Enum):
     mecovqa = "mecovqa"
     med_grit = "med-grit"
     jsonl = "jsonl"
+    volumes = "volumes"
 
 
 class Meteor(str, Enum):
@@ -40,7 +41,8 @@ class Split(str, Enum):
 def eval_command(
     model: Path = typer.Option(..., "--model", exists=True, file_okay=False, help="saved medplib model folder"),
     benchmark: Benchmark = typer.Option(..., "--benchmark", help="dataset layout and task of --data"),
-    data: Path = typer.Option(..., "--data", exists=True, help="dataset folder, or the file for mecovqa, med-grit, jsonl"),
+    data: Path = typer.Option(..., "--data", exists=True, help="dataset folder, or the file for mecovqa, med-grit, jsonl; "
+                              "volumes: a folder of volume cases (image, labels.nii.gz, labels.json)"),
     out: Path = typer.Option(..., "--out", help="output folder; re-running with it resumes"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N test samples"),
     split: Split = typer.Option(Split.test, "--split", help="split to evaluate (all: every sample)"),
@@ -48,9 +50,27 @@ def eval_command(
     image_dir: Optional[Path] = typer.Option(None, help="image folder for vqa-rad, mecovqa and med-grit files"),
     device: str = typer.Option("auto", help="auto (GPU if there is one), cpu, cuda, cuda:1, ..."),
     meteor: Meteor = typer.Option(Meteor.coco, help="METEOR for generated text: coco (needs Java) or nltk"),
+    axis: int = typer.Option(2, help="volumes: the voxel axis to slice along"),
+    postprocess: list[str] = typer.Option([], "--postprocess", help="volumes: 3-D post-processing of each mask: "
+                                          "largest_component, consistency (repeatable, in order)"),
 ) -> None:
-    """Answer every test sample of a benchmark, then write metrics.json, predictions.jsonl and report.md (with PNGs)."""
+    """Answer every test sample of a benchmark, then write metrics.json, predictions.jsonl and report.md (with PNGs).
+    Volumes are scored with 3-D Dice and HD95 in mm (medplib.evaluation.volume_eval)."""
     from medplib.evaluation.runner import run_benchmark
+
+    if benchmark is Benchmark.volumes:
+        from medplib.evaluation.volume_eval import run_volume_benchmark
+
+        try:
+            from medplib.evaluation.runner import _device
+
+            steps = [p.strip() for item in postprocess for p in item.split(",") if p.strip()]
+            run_volume_benchmark(model, data, out, split=split.value, limit=limit, axis=axis, postprocess=steps,
+                                 device=_device(device), log=typer.echo)
+        except MedplibError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        return
 
     try:
         with warnings.catch_warnings(record=True) as caught:

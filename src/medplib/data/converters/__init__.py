@@ -10,14 +10,16 @@ from medplib.data.builder import BuildConfig, build_samples
 from medplib.data.schema import Sample
 from medplib.errors import InputError
 
-SOURCES = ("sa-med2d", "kvasir", "covid-cxr", "lvit", "vqa-rad", "slake", "pathvqa", "mecovqa", "med-grit", "phantoms")
+SOURCES = ("sa-med2d", "kvasir", "covid-cxr", "lvit", "vqa-rad", "slake", "pathvqa", "mecovqa", "med-grit", "phantoms",
+           "volumes")
 
 
 def build_source(name: str, src: str | Path, out_dir: str | Path, cfg: BuildConfig | None = None,
                  **options: Any) -> Iterator[Sample]:
     """Samples from source `name` at `src`, with paths relative to `out_dir` (where merged masks and
     phantoms are written). Options: modality (sa-med2d, lvit), target (lvit), image_dir (vqa,
-    mecovqa, med-grit), n and size (phantoms)."""
+    mecovqa, med-grit), n and size (phantoms), axis and step (volumes: the voxel axis to slice along and
+    every how many slices; see medplib.data.volume_cases)."""
     cfg = cfg or BuildConfig()
     src, out_dir = Path(src), Path(out_dir)
     if name == "sa-med2d":
@@ -53,5 +55,12 @@ def build_source(name: str, src: str | Path, out_dir: str | Path, cfg: BuildConf
 
         n = int(options.get("n") or 90)
         items = phantom_items(out_dir, n=n, seed=cfg.seed, size=options.get("size") or 256)
+        return build_samples(items, out_dir, cfg)
+    if name == "volumes":
+        from medplib.data.volume_cases import read_cases, volume_slices
+
+        cases = read_cases(src, modality=options.get("modality"))
+        axis = options.get("axis")
+        items = volume_slices(cases, out_dir, axis=2 if axis is None else int(axis), step=int(options.get("step") or 1))
         return build_samples(items, out_dir, cfg)
     raise InputError(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
