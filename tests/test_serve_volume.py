@@ -31,7 +31,7 @@ MAX_VOXELS = 100_000
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    phantom = make_phantom_volume("ct", seed=5, shape=(40, 36, 6))
+    phantom = make_phantom_volume("ct", seed=5, shape=(40, 36, 8))
     return write_phantom_volume(phantom, tmp_path_factory.mktemp("volcase"), dicom=True)
 
 
@@ -73,7 +73,7 @@ def test_nifti_upload_returns_the_mask_volume(server: str, case: dict[str, str],
     assert mask.shape == vol.shape and np.allclose(mask.affine, vol.affine)
     data = np.asarray(mask.dataobj) > 0
     assert out["shape"] == list(vol.shape) and out["voxels"] == int(data.sum()) > 0
-    assert out["slices"] == list(range(6)) and len(out["scores"]) == 6 and len(out["slice_pngs"]) == 6
+    assert out["slices"] == list(range(8)) and len(out["scores"]) == 8 and len(out["slice_pngs"]) == 8
     assert [m is not None for m in out["mask_pngs"]] == list(data.any(axis=(0, 1)))
     # the same mask as the Python API on the same file
     p = Predictor.from_pretrained(kvasir_model)
@@ -91,7 +91,7 @@ def test_nifti_upload_returns_the_mask_volume(server: str, case: dict[str, str],
 
 def test_zipped_dicom_series_with_hostile_names_reads_flat(server: str, case: dict[str, str]) -> None:
     files = sorted(Path(case["dicom"]).iterdir())
-    names = ["../../escape.dcm", "/abs/slice.dcm", "nested/dir/a.dcm", "b", "c.dcm", "d.dcm"]
+    names = ["../../escape.dcm", "/abs/slice.dcm", "nested/dir/a.dcm", "b", "c.dcm", "d.dcm", "e.dcm", "f.dcm"]
     archive = _zip({n: f.read_bytes() for n, f in zip(names, files)} | {"__MACOSX/._b": b"junk", "DICOMDIR": b"x"})
     r = _post(server, "/v1/volume/segment", {"volume": _url(archive, "application/zip"), "question": KVASIR_QUESTION,
                                              "regions": [{"box": [5, 5, 1, 30, 30, 3]}]})
@@ -105,7 +105,7 @@ def test_zipped_dicom_series_with_hostile_names_reads_flat(server: str, case: di
 
     pre = _post(server, "/v1/volume/preview", {"volume": _url(archive, "application/zip"), "axis": 0})
     assert pre.status_code == 200 and pre.json()["n"] == 40 and len(pre.json()["slice_pngs"]) == 40
-    assert (pre.json()["height"], pre.json()["width"]) == (6, 36)  # axis 0: rows superior..inferior, columns y
+    assert (pre.json()["height"], pre.json()["width"]) == (8, 36)  # axis 0: rows superior..inferior, columns y
 
 
 def test_bad_volume_uploads_get_4xx_and_the_server_keeps_serving(server: str, case: dict[str, str]) -> None:
@@ -129,7 +129,7 @@ def test_bad_volume_uploads_get_4xx_and_the_server_keeps_serving(server: str, ca
         (status({**good, "target": None}), 400, "exactly one of"),
         (status({**good, "axis": 3}), 400, "axis"),
         (status({**good, "regions": [{"point": [99, 0, 0]}]}), 400, "outside the volume"),
-        (status({**good, "slices": [6]}), 400, "out of range"),
+        (status({**good, "slices": [8]}), 400, "out of range"),
         (status({**good, "postprocess": ["blur"]}), 400, "postprocess"),
         (status({**good, "surprise": 1}), 400, "surprise"),
     ]

@@ -30,7 +30,7 @@ runner = CliRunner()
 def cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cases")
     for seed in range(6):
-        write_phantom_volume(make_phantom_volume("mr", seed=seed, shape=(32, 28, 6)), root / f"case{seed}")
+        write_phantom_volume(make_phantom_volume("mr", seed=seed, shape=(32, 28, 8)), root / f"case{seed}")
     return root
 
 
@@ -95,7 +95,7 @@ def test_eval_scores_volumes_with_dice_and_hd95(cases: Path, kvasir_model: Path,
         gt = case.labels.get(rec["label"], np.zeros(case.volume.shape, dtype=bool))
         s = score_volume(np.asarray(pred.dataobj) > 0, gt, case.volume.spacing)
         assert rec["dice"] == pytest.approx(s.dice) and rec["hd95_mm"] == pytest.approx(s.hd95_mm)
-        assert rec["slices"] == 6
+        assert rec["slices"] == 8
     assert metrics["dice"] == pytest.approx(np.mean([rec["dice"] for rec in records]))
     assert metrics["slices_per_s"] > 0 and "| **all** |" in (out / "report.md").read_text()
     r = runner.invoke(app, ["eval", "--model", str(kvasir_model), "--benchmark", "volumes", "--data", str(cases / "case1"),
@@ -108,7 +108,7 @@ def test_ask_on_a_dicom_series_writes_nifti_and_dicom_seg(kvasir_model: Path, tm
     from medplib.data.dicom_series import read_dicom_series
     from medplib.data.volume_io import read_dicom_seg_volume
 
-    paths = write_phantom_volume(make_phantom_volume("ct", seed=7, shape=(40, 32, 5)), tmp_path / "ct", dicom=True)
+    paths = write_phantom_volume(make_phantom_volume("ct", seed=7, shape=(40, 32, 8)), tmp_path / "ct", dicom=True)
     mask_out, seg_out = tmp_path / "out" / "mask.nii.gz", tmp_path / "out" / "seg.dcm"
     r = runner.invoke(app, ["ask", "--model", str(kvasir_model), paths["dicom"], KVASIR_QUESTION, "--mask-out", str(mask_out),
                             "--dicom-seg-out", str(seg_out), "--json", "--postprocess", "largest_component"])
@@ -118,7 +118,7 @@ def test_ask_on_a_dicom_series_writes_nifti_and_dicom_seg(kvasir_model: Path, tm
     mask = nib.load(mask_out)
     assert mask.shape == series.shape and np.allclose(mask.affine, series.affine)
     data = np.asarray(mask.dataobj) > 0
-    assert out["voxels"] == int(data.sum()) > 0 and out["slices"] == list(range(5)) and len(out["scores"]) == 5
+    assert out["voxels"] == int(data.sum()) > 0 and out["slices"] == list(range(8)) and len(out["scores"]) == 8
     assert out["mask_file"] == str(mask_out) and out["dicom_seg_file"] == str(seg_out)
     back = read_dicom_seg_volume(seg_out, series)
     assert np.array_equal(next(iter(back.values())), data)

@@ -32,7 +32,7 @@ def test_slice_slider_shows_each_slice_and_its_mask(page_url: str, tmp_path: Pat
     from playwright.sync_api import sync_playwright
 
     chromium = _chromium()
-    phantom = make_phantom_volume("mr", seed=4, shape=(48, 44, 7))
+    phantom = make_phantom_volume("mr", seed=4, shape=(48, 44, 8))
     paths = write_phantom_volume(phantom, tmp_path / "case")
     vs = VolumeSlices(phantom.volume, axis=2)
     shot = Path(SCREENSHOT_DIR or tmp_path) / "web_volume.png"
@@ -45,8 +45,8 @@ def test_slice_slider_shows_each_slice_and_its_mask(page_url: str, tmp_path: Pat
             assert not page.is_visible("#slice")  # no slider before a volume is open
             page.set_input_files("#volume-file", paths["image"])
             page.wait_for_function("document.getElementById('status').textContent.includes('slices')", timeout=60_000)
-            assert page.is_visible("#slice") and page.get_attribute("#slice", "max") == "6"
-            assert page.get_attribute("#canvas", "data-slice") == "3"  # the middle slice first
+            assert page.is_visible("#slice") and page.get_attribute("#slice", "max") == "7"
+            assert page.get_attribute("#canvas", "data-slice") == "4"  # the middle slice first
             assert page.is_disabled("button[data-tool=box]")  # 2-D tools are off on a volume
 
             def pixel(r: int, c: int) -> list[int]:
@@ -70,7 +70,7 @@ def test_slice_slider_shows_each_slice_and_its_mask(page_url: str, tmp_path: Pat
             assert href.startswith("data:application/gzip;base64,")
             mask = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(href.split(",", 1)[1]))).dataobj) > 0
             assert mask.shape == phantom.volume.shape and mask.any()
-            masked = [k for k in range(7) if mask[:, :, k].any()]
+            masked = [k for k in range(8) if mask[:, :, k].any()]
             k = masked[0]
             go(k)
             assert page.get_attribute("#canvas", "data-overlay") == "shown"
@@ -80,7 +80,7 @@ def test_slice_slider_shows_each_slice_and_its_mask(page_url: str, tmp_path: Pat
             assert np.abs(np.array(pixel(int(r), int(c))) - expected).max() <= 3
             off = np.argwhere(~view)[0]
             assert pixel(int(off[0]), int(off[1])) == img[off[0], off[1]].tolist()  # outside the mask: the slice
-            empty = [j for j in range(7) if not mask[:, :, j].any()]
+            empty = [j for j in range(8) if not mask[:, :, j].any()]
             if empty:
                 go(empty[0])
                 assert page.get_attribute("#canvas", "data-overlay") == "hidden"
