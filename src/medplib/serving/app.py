@@ -196,15 +196,15 @@ class Server:
         return self.predictor.ask(job.question, job.regions, job.arrays, job.history, max_new_tokens=job.max_new_tokens,
                                   temperature=job.temperature, on_text=on_text)
 
-    # ---------------------------------------------------------------- routes
-    async def chat(self, request: Request) -> Any:
-        self.authorize(request)
-        req = _parse(schemas.ChatRequest, await read_body(request, self.settings.max_upload_bytes))
     def run_batch(self, items: list[tuple[Job, Callable[[str], None] | None]]) -> list[Prediction | Exception]:
         """On the model thread: (job, text callback) pairs decoded together, one result or exception each."""
         return self.predictor.ask_batch([Query(j.rgb, j.question, j.regions, j.arrays, j.history, j.max_new_tokens,
                                                j.temperature, on_text) for j, on_text in items])
 
+    # ---------------------------------------------------------------- routes
+    async def chat(self, request: Request) -> Any:
+        self.authorize(request)
+        req = _parse(schemas.ChatRequest, await read_body(request, self.settings.max_upload_bytes))
         self.check_model(req.model)
         if len(req.messages) > self.settings.max_messages:  # system messages count: they are parsed too
             raise PromptTooLong(f"{len(req.messages)} messages are over the limit of {self.settings.max_messages}")
