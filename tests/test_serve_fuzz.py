@@ -236,8 +236,8 @@ def test_prompts_over_the_limits_are_rejected_before_the_model_queue(served: tup
     base, server, _ = served
     url = _png_url(image)
     ran: list[int] = []
-    run = server.run
-    server.run = lambda job, on_text=None: (ran.append(1), run(job, on_text))[1]  # counts model-thread jobs
+    run_batch = server.worker.run_batch
+    server.worker.run_batch = lambda items: (ran.append(len(items)), run_batch(items))[1]  # counts model-thread jobs
     try:
         words = " ".join(f"word{i}" for i in range(1500))  # 13,389 characters, under the limit; ~7,500 tokens
         cases = [
@@ -260,7 +260,7 @@ def test_prompts_over_the_limits_are_rejected_before_the_model_queue(served: tup
         assert _post(base, "/v1/chat/completions", {"model": MODEL, "messages": _messages(url)}).status_code == 200
         assert ran == [1]
     finally:
-        server.run = run
+        server.worker.run_batch = run_batch
 
 
 def test_a_client_that_disconnects_mid_body_leaves_no_traceback(served: tuple[str, Any, Records]) -> None:

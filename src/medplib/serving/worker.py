@@ -111,6 +111,7 @@ class ModelWorker:
             ok = await self._settle(loop, group, lambda: self.run_batch(items), alone=len(group) == 1)  # type: ignore[misc]
             if not ok:  # the batch as a whole failed: each of its requests again, on its own
                 for task in group:
+                    self.batch_sizes.append(1)
                     await self._settle(loop, [task], lambda t=task: self.run_batch([t.item]), alone=True)  # type: ignore[misc]
 
     async def _settle(self, loop: asyncio.AbstractEventLoop, group: list[_Task], call: Callable[[], Sequence[Any]],
