@@ -228,16 +228,7 @@ class Predictor:
         question = with_placeholders(question, len(regions), history)
         with self._lock:
             entry = self._current()
-            on_token = None
-            if on_text is not None:
-                proc = self.model.processor
-                stream = TextStream(proc.decode, skip=(proc.tokenizer.eos_token_id, proc.tokenizer.pad_token_id))
-
-                def on_token(tid: int) -> None:
-                    delta = stream.push(tid)
-                    if delta:
-                        on_text(delta)
-
+            on_token = self._on_token(on_text)
             prompt = self.model.processor.encode_conversation([*history, Turn(role="user", content=question)],
                                                               add_generation_prompt=True)[0]
             t0 = time.perf_counter()

@@ -34,10 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medplib.data.schema import REGION_TOKEN, Region, Turn
 from medplib.errors import InputError, MedplibError
 from medplib.model.decoding import DECODE_MODES
-from medplib.inference import SEGMENT_TEMPLATE, Prediction, Predictor, Query, with_placeholders
+from medplib.inference import Prediction, Predictor, Query, with_placeholders
 from medplib.serving import schemas
 from medplib.serving.errors import ClientClosed, PromptTooLong, Unauthorized, UnknownModel, error_body, status_of
-from medplib.serving.inputs import decode_data_url, decode_image, read_body, region_arrays
+from medplib.serving.inputs import decode_data_url, decode_image, read_body, region_arrays, segment_question
 from medplib.serving.worker import ModelWorker
 
 STATIC = Path(__file__).parent / "static"
@@ -261,11 +261,7 @@ class Server:
         self.authorize(request)
         req = _parse(schemas.SegmentRequest, await read_body(request, self.settings.max_upload_bytes))
         self.check_model(req.model)
-        if (req.target is None) == (req.question is None):
-            raise InputError("give exactly one of 'target' (e.g. \"polyp\") or 'question'")
-        question = req.question if req.question is not None else SEGMENT_TEMPLATE.format(target=req.target.strip())
-        if not question.strip() or (req.target is not None and not req.target.strip()):
-            raise InputError("the question is empty")
+        question = segment_question(req.target, req.question)
         job = await run_in_threadpool(self.job, req.image, question, req.regions, [], req.max_tokens, 0.0)
         pred = await self.worker.submit_batched((job, None))
         return JSONResponse({"id": f"seg-{uuid.uuid4().hex}", "object": "segmentation", "model": self.settings.model_name,

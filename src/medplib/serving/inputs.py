@@ -19,6 +19,7 @@ from medplib.data.images import read_image
 from medplib.data.masks import rle_decode
 from medplib.data.schema import RLE, MaskRegion, Region
 from medplib.errors import InputError
+from medplib.inference import SEGMENT_TEMPLATE
 from medplib.serving.errors import ClientClosed, PayloadTooLarge
 
 _DATA_URL = re.compile(r"^data:([\w.+/-]*)(;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -133,3 +134,13 @@ def region_arrays(regions: Sequence[Region], hw: tuple[int, int]) -> list[np.nda
                 raise InputError(f"regions[{i}]: {exc}") from None
         arrays.append(array)
     return arrays
+
+
+def segment_question(target: str | None, question: str | None) -> str:
+    """A segment request's question: its own, or the grounding template for `target` (exactly one given)."""
+    if (target is None) == (question is None):
+        raise InputError("give exactly one of 'target' (e.g. \"liver\") or 'question'")
+    text = question if question is not None else SEGMENT_TEMPLATE.format(target=target.strip())
+    if not text.strip() or (target is not None and not target.strip()):
+        raise InputError("the question is empty")
+    return text

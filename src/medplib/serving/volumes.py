@@ -27,9 +27,8 @@ from starlette.concurrency import run_in_threadpool
 
 from medplib.data.volume import Volume
 from medplib.errors import InputError
-from medplib.inference import SEGMENT_TEMPLATE
 from medplib.serving.errors import PayloadTooLarge
-from medplib.serving.inputs import decode_data_url, read_body
+from medplib.serving.inputs import decode_data_url, read_body, segment_question
 from medplib.volume_inference import POSTPROCESS, VolumePrediction, VolumeSlices, ask_volume, region_from_json
 
 if TYPE_CHECKING:
@@ -204,11 +203,7 @@ def register(app: FastAPI, server: "Server") -> None:
     async def segment(request: Request) -> Response:
         req, vol = await _volume(request, VolumeSegmentRequest)
         server.check_model(req.model)
-        if (req.target is None) == (req.question is None):
-            raise InputError("give exactly one of 'target' (e.g. \"liver\") or 'question'")
-        question = req.question if req.question is not None else SEGMENT_TEMPLATE.format(target=req.target.strip())
-        if not question.strip() or (req.target is not None and not req.target.strip()):
-            raise InputError("the question is empty")
+        question = segment_question(req.target, req.question)
         server.check_prompt(question, [], list(req.regions))
         regions = [region_from_json(r.model_dump(exclude_none=True)) for r in req.regions]
         vs = await run_in_threadpool(VolumeSlices, vol, req.axis)
