@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
@@ -183,11 +183,6 @@ def load_lean(build: Callable[[], nn.Module], folder: str | Path, *, device: str
 def _is_parameter(model: nn.Module, key: str) -> bool:
     owner, _, leaf = key.rpartition(".")
     return leaf in model.get_submodule(owner)._parameters
-
-
-def iter_tensors(folder: str | Path) -> Iterator[tuple[str, Tensor]]:
-    """The stored tensors one at a time, shard by shard."""
-    return _reader(Path(folder)).tensors()
 
 
 def load_eager(model: nn.Module, folder: str | Path) -> None:
