@@ -317,6 +317,8 @@ def ask_volume(predictor: "Predictor", vs: VolumeSlices, question: str, regions:
     asked, regions and post-processing)."""
     from tqdm import tqdm
 
+    from medplib.inference import Query
+
     if not question.strip():
         raise InputError("the question is empty")
     if batch_size < 1:
@@ -345,15 +347,20 @@ def ask_volume(predictor: "Predictor", vs: VolumeSlices, question: str, regions:
     def answer(ks: list[int]) -> None:
         images = {k: vs.image(k) for k in ks}
         timing["image_s"] += predictor.prefetch(list(images.values()))
+        queries = []
         for k in ks:
             prompts = [_slice_region(r, vs.view(v, k)) for r, v in zip(regions, vols)]
-            predictor.set_image(images[k])
-            pred = predictor.ask(question, [p for p, _ in prompts], [a for _, a in prompts], max_new_tokens=max_new_tokens)
-            timing["generate_s"] += pred.timings["generate_s"]
+            queries.append(Query(images[k], question, [p for p, _ in prompts], [a for _, a in prompts],
+                                 max_new_tokens=max_new_tokens))
+        preds = predictor.ask_batch(queries)  # the slices decoded together; greedy answers as one by one
+        for k, pred in zip(ks, preds):
+            if isinstance(pred, Exception):
+                raise InputError(f"slice {k} along axis {vs.axis}: {pred}") from pred
             texts[k] = pred.text
             if pred.masks:
                 views[k] = np.logical_or.reduce(pred.masks)
                 scores[k] = max(pred.scores)
+        timing["generate_s"] += preds[0].timings["generate_s"]  # the batch's decoding time, shared by its answers
 
     with predictor._lock:
         if chosen is None:  # decide from the reference slice whether this is a grounding question
