@@ -5,6 +5,7 @@ from a folder (`config.json`, `model.safetensors`, tokenizer files). Loading nev
     m = MedPLIB.from_pretrained("runs/demo/model")  # a trained folder
     ans = m.generate(image, "Please segment the polyp.")
     ans.text, ans.masks
+    ans = m.generate(image, "Segment the same structure.", examples=[(ex_image, ex_mask)])  # in-context
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class MedPLIB:
             batch[key] = batch[key].to(dev)
         batch["region_masks"] = [[m.to(dev) for m in ms] for ms in batch["region_masks"]]
         batch["target_masks"] = [[m.to(dev) for m in ms] for ms in batch["target_masks"]]
+        batch["example_pixels"] = [p.to(dev) for p in batch["example_pixels"]]
         return batch
 
     def image_features(self, image: Any) -> tuple[Any, ImageFeatures]:
@@ -138,6 +140,15 @@ class MedPLIB:
         with torch.no_grad():
             feats = self.model.encode_vision(img.vision_pixels[None].to(self.device, dtype))
         return img, ImageFeatures(vision=feats)
+
+    def example_features(self, examples: Sequence[Any]) -> list[torch.Tensor]:
+        """In-context examples (`medplib.retrieval.examples.Example` or (image, mask) pairs, checked) ->
+        the vision features (1, N, Dv) of their prompt images, in prompt order (one per example with the
+        overlay encoding, two with `separate`)."""
+        from medplib.retrieval.examples import as_example
+
+        checked = [as_example(e, where=f"example {i + 1}") for i, e in enumerate(examples)]
+        return [self.image_features(a)[1].vision for a in self.processor.example_images(checked)]
 
     def generate(
         self,
@@ -152,20 +163,28 @@ class MedPLIB:
         use_cache: bool = True,
         temperature: float = 0.0,
         on_token: Any = None,
+        examples: Sequence[Any] = (),
+        example_features: Sequence[torch.Tensor] | None = None,
     ) -> Answer:
         """Answer one question about one image; every `[SEG]` in the answer yields a mask.
 
         `history` is earlier (user, assistant) turns; `features` lets a caller reuse an image's
-        features across questions (see `image_features`)."""
+        features across questions (see `image_features`). `examples`: in-context (image, mask) pairs
+        shown before the image (`example_features`); `example_features` passes them precomputed. The
+        masks are the image's (the query's); regions are on it too."""
+        if example_features is None:
+            example_features = self.example_features(examples)
         req = self.decode_request(question, regions, region_arrays, history,
                                   features=features if features is not None else self.image_features(image),
-                                  max_new_tokens=max_new_tokens, temperature=temperature, on_token=on_token)
+                                  max_new_tokens=max_new_tokens, temperature=temperature, on_token=on_token,
+                                  examples=example_features)
         was_training = self.model.training
         self.model.eval()
         try:
             out: GenerationOutput = self.model.generate(
                 req.input_ids[None], req.features, req.pixel_values, req.region_masks, req.original_hw, req.pixel_valid_hw,
                 max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature, on_token=on_token,
+                examples=req.examples,
             )
         finally:
             self.model.train(was_training)
@@ -182,22 +201,34 @@ class MedPLIB:
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         on_token: Any = None,
+        examples: Sequence[torch.Tensor] = (),
     ) -> DecodeRequest:
         """One question about an image whose (ImageInputs, ImageFeatures) are given, checked and
         encoded for the LLM (raises InputError for an empty question or a region count that does not
-        match the `<region>` placeholders)."""
+        match the `<region>` placeholders). `examples`: the in-context example images' vision features
+        (`example_features`), placed before the image (`Processor.with_examples`)."""
         if not question.strip():
             raise InputError("the question is empty")
         turns = [*history, Turn(role="user", content=question)]
         img, feats = features
-        ids, _ = self.processor.encode_conversation(turns, add_generation_prompt=True)
+        ids, _ = self.processor.encode_conversation(turns, add_generation_prompt=True,
+                                                    examples=self.count_examples(examples))
         n_tags = ids.count(self.processor.region_id)
         if n_tags != len(regions):
             raise InputError(f"the question has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
         arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
         region_masks = [self.processor.rasterize_region(r, img.original_hw, a).to(self.device) for r, a in zip(regions, arrays)]
         return DecodeRequest(torch.tensor(ids, device=self.device), feats, img.pixel_values[None].to(self.device),
-                             region_masks, img.original_hw, img.pixel_valid_hw, max_new_tokens, temperature, None, on_token)
+                             region_masks, img.original_hw, img.pixel_valid_hw, max_new_tokens, temperature, None, on_token,
+                             examples=list(examples))
+
+    def count_examples(self, example_features: Sequence[torch.Tensor]) -> int:
+        """How many examples a list of example prompt-image features holds (1 or 2 images each)."""
+        per = self.config.images_per_example
+        if len(example_features) % per:
+            raise InputError(f"{len(example_features)} example images do not make whole {self.config.icl.encoding} "
+                             f"examples ({per} images each)")
+        return len(example_features) // per
 
     def generate_batch(self, requests: Sequence[DecodeRequest]) -> list[Answer | Exception]:
         """Answer several requests (`decode_request`) decoded together, padded: per request its

@@ -153,6 +153,21 @@ class MoEConfig:
 
 
 @dataclass
+class ICLConfig:
+    """In-context examples (MedPLIB-ICL): (image, mask) pairs placed in the prompt before the query image.
+
+    `encoding`: `overlay` (the mask painted on its image, one prompt image per example; published) or
+    `separate` (the image and the mask as an image of its own: two prompt images per example).
+    `example_token_grid`: side of the token grid an example image is average-pooled to. None = 2/3 of
+    the query's side (rounded), the published 576 -> 256 (24 x 24 -> 16 x 16), so examples stay cheap.
+    """
+
+    encoding: Literal["overlay", "separate"] = "overlay"
+    example_token_grid: int | None = None
+    max_examples: int = 3  # more examples per prompt is an InputError (each costs example tokens)
+
+
+@dataclass
 class LossConfig:
     """Published stage-IV weights by default (ce 1, dice 0.5, bce 2)."""
 
@@ -185,6 +200,7 @@ class MedPLIBConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    icl: ICLConfig = field(default_factory=ICLConfig)
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     # The prompt format (processing.CHAT_TEMPLATES): "vicuna" (LLaVA-1.5 / MedPLIB) or "chatml" (SmolLM2, Qwen2).
     chat_template: str = "vicuna"
@@ -202,6 +218,29 @@ class MedPLIBConfig:
             raise ConfigError("pixel.image_size must be a multiple of pixel.patch_size")
         if self.moe.num_experts and not 1 <= self.moe.top_k <= self.moe.num_experts:
             raise ConfigError(f"moe.top_k must be in 1..{self.moe.num_experts}")
+        if self.icl.encoding not in ("overlay", "separate"):
+            raise ConfigError(f"icl.encoding must be overlay or separate, got {self.icl.encoding!r}")
+        side = self.vision.token_grid or self.vision.grid
+        if self.icl.example_token_grid is not None and not 1 <= self.icl.example_token_grid <= side:
+            raise ConfigError(f"icl.example_token_grid must be in 1..{side} (the query's token grid)")
+        if self.icl.max_examples < 0:
+            raise ConfigError("icl.max_examples must be >= 0")
+
+    @property
+    def example_grid(self) -> int:
+        """Side of an example image's token grid (see ICLConfig.example_token_grid)."""
+        side = self.vision.token_grid or self.vision.grid
+        return self.icl.example_token_grid or max(1, round(side * 2 / 3))
+
+    @property
+    def num_example_tokens(self) -> int:
+        """Image tokens per example image in the prompt."""
+        return self.example_grid**2
+
+    @property
+    def images_per_example(self) -> int:
+        """Prompt images one example costs: 1 (overlay) or 2 (image, then its mask)."""
+        return 1 if self.icl.encoding == "overlay" else 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,6 +290,7 @@ _DATACLASS_FIELDS: dict[str, type] = {
     "moe": MoEConfig,
     "loss": LossConfig,
     "tokenizer": TokenizerConfig,
+    "icl": ICLConfig,
 }
 
 

@@ -7,9 +7,11 @@ the language model's decoding.
     out = p.ask("Please segment the polyp.")
     out.text, out.masks[0], out.boxes[0], out.timings
     for piece in p.stream("What is shown?"): ...   # text deltas, then the Prediction
+    out = p.ask("Segment the same structure.", examples=[(ex_rgb, ex_mask)])  # in-context examples
 
 Features are cached by image content (a hash of the pixels) in a small LRU bounded by entries and
 bytes, so a server that sees the same image again in a later request skips the vision towers.
+In-context example images (overlays, or images and mask images) go through the same cache.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Query:
     max_new_tokens: int | None = None
     temperature: float = 0.0
     on_text: Callable[[str], None] | None = None  # text deltas as they are decoded
+    examples: Sequence[Any] = ()  # in-context (image, mask) pairs or Examples, shown before the image
 
 
 @dataclass
@@ -189,6 +192,28 @@ class Predictor:
             self._evict()
             return self._image_s
 
+    def _example_features(self, examples: Sequence[Any]) -> list[torch.Tensor]:
+        """In-context examples (Examples or (image, mask) pairs, checked) -> their prompt images' vision
+        features (1, N, Dv), in prompt order, through the per-image cache. The current image stays current."""
+        from medplib.retrieval.examples import as_example
+
+        checked = [as_example(e, where=f"example {i + 1}") for i, e in enumerate(examples)]
+        out = []
+        for rgb in self.model.processor.example_images(checked):
+            key = _image_key(rgb)
+            entry = self._cache.get(key)
+            if entry is None:
+                # Vision features only: the pixel encoder runs on the query (computed lazily should
+                # this image become one).
+                img, feats = self.model.image_features(rgb)
+                entry = self._cache[key] = _Entry(img, feats, _nbytes(img, feats))
+            self._cache.move_to_end(key)
+            out.append(entry.features.vision)
+        if self._key in self._cache:
+            self._cache.move_to_end(self._key)  # eviction drops the oldest: never the current image
+        self._evict()
+        return out
+
     def _evict(self) -> None:
         # Least recently used first; the current image always stays.
         while len(self._cache) > 1 and (len(self._cache) > self.cache_entries
@@ -221,25 +246,37 @@ class Predictor:
         use_cache: bool = True,
         temperature: float = 0.0,
         on_text: Callable[[str], None] | None = None,
+        examples: Sequence[Any] = (),
     ) -> Prediction:
         """Answer `question` about the current image. Regions are in original pixels, one per
         `<region>` (appended when the conversation has none); `on_text` receives text deltas.
-        `timings["image_s"]` is what `set_image` spent on this image just before (0 when reused)."""
+        `examples`: in-context (image, mask) pairs (or `retrieval.examples.Example`s) shown before the
+        image, encoded per the model's `icl.encoding`; the masks answer for the current image.
+        `timings["image_s"]` is what `set_image` spent on this image just before (0 when reused);
+        `timings["examples_s"]` what the examples' features cost (0 when all were cached)."""
         question = with_placeholders(question, len(regions), history)
         with self._lock:
             entry = self._current()
             on_token = self._on_token(on_text)
+            t_ex = time.perf_counter()
+            example_feats = self._example_features(examples)
+            examples_s = time.perf_counter() - t_ex
             prompt = self.model.processor.encode_conversation([*history, Turn(role="user", content=question)],
-                                                              add_generation_prompt=True)[0]
+                                                              add_generation_prompt=True,
+                                                              examples=self.model.count_examples(example_feats))[0]
             t0 = time.perf_counter()
             ans = self.model.generate(
                 None, question, regions, region_arrays, history, features=(entry.image, entry.features),
                 max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature, on_token=on_token,
+                example_features=example_feats,
             )
             dt = time.perf_counter() - t0
             entry.nbytes = _nbytes(entry.image, entry.features)
             image_s, self._image_s = self._image_s, 0.0
-        return self._prediction(ans, entry, len(prompt), image_s, dt)
+        pred = self._prediction(ans, entry, len(prompt), image_s, dt)
+        if examples:
+            pred.timings["examples_s"] = examples_s
+        return pred
 
     def _prediction(self, ans: Answer, entry: _Entry, prompt_tokens: int, image_s: float, generate_s: float) -> Prediction:
         h, w = entry.image.original_hw
@@ -277,7 +314,8 @@ class Predictor:
                     question = with_placeholders(q.question, len(q.regions), q.history)
                     req = self.model.decode_request(question, q.regions, q.region_arrays, q.history,
                                                     features=(entry.image, entry.features), max_new_tokens=q.max_new_tokens,
-                                                    temperature=q.temperature, on_token=self._on_token(q.on_text))
+                                                    temperature=q.temperature, on_token=self._on_token(q.on_text),
+                                                    examples=self._example_features(q.examples))
                 except Exception as exc:  # noqa: BLE001 - this query's own failure
                     out[i] = exc
                     continue

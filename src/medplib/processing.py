@@ -1,7 +1,8 @@
 """The one Processor used by training and inference alike, so the two can never drift apart.
 
 It owns: the chat template (Vicuna v1 or ChatML, one system prompt everywhere), tokenisation with the
-`<image>` placeholder expanded to `<im_start> <image>*N <im_end>`, image transforms for both
+`<image>` placeholder expanded to `<im_start> <image>*N <im_end>`, the in-context example prompt (k
+example images before the query image, each pooled to fewer tokens), image transforms for both
 branches (longest-side resize, normalise, pad bottom/right to a square), region rasterisation
 (point -> square or disc, box -> filled rectangle, polygon/mask -> its shape) and target masks.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +28,17 @@ from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegio
 from medplib.errors import ConfigError, InputError
 from medplib.tokenizer import IM_END, IM_START, IMAGE, REGION, SEG
 
+if TYPE_CHECKING:
+    from medplib.retrieval.examples import Example
+
 IGNORE_INDEX = -100
+
+# The text that introduces one in-context example, per encoding (config.icl.encoding); the query image
+# follows all examples. Training (data.builder's icl task) and inference share it through this module.
+EXAMPLE_TEXT = {
+    "overlay": f"Here is {IMAGE} with the structure marked.",
+    "separate": f"Here is {IMAGE} and its mask {IMAGE}.",
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class Encoded:
     image: ImageInputs
     region_masks: list[torch.Tensor] = field(default_factory=list)  # each (Sv, Sv) bool
     target_masks: list[torch.Tensor] = field(default_factory=list)  # each (H, W) float in {0, 1}
+    examples: list[torch.Tensor] = field(default_factory=list)  # each (3, Sv, Sv): the example prompt images
 
 
 def _as_rgb_array(image: Any) -> np.ndarray:
@@ -187,13 +199,57 @@ class Processor:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _expand_image(self, ids: list[int]) -> list[int]:
-        if ids.count(self.image_id) != 1:
-            raise InputError(f"a sample needs exactly one {IMAGE} placeholder, found {ids.count(self.image_id)}")
-        i = ids.index(self.image_id)
-        return ids[:i] + [self.im_start_id] + [self.image_id] * self.num_image_tokens + [self.im_end_id] + ids[i + 1 :]
+    def _expand_images(self, ids: list[int], labels: list[int], examples: int) -> tuple[list[int], list[int]]:
+        """Each `<image>` -> `<im_start> <image>*n <im_end>` (no loss on any of it): n = the query's token
+        count for the last placeholder, the pooled example count for the ones before it."""
+        found = ids.count(self.image_id)
+        need = examples * self.config.images_per_example + 1
+        if found != need:
+            if not examples:
+                raise InputError(f"a sample needs exactly one {IMAGE} placeholder, found {found}")
+            raise InputError(f"{examples} {self.config.icl.encoding} example(s) and the query need {need} {IMAGE} "
+                             f"placeholders, found {found}")
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        seen = 0
+        for t, lab in zip(ids, labels):
+            if t != self.image_id:
+                out_ids.append(t)
+                out_labels.append(lab)
+                continue
+            seen += 1
+            n = self.num_image_tokens if seen == found else self.config.num_example_tokens
+            out_ids += [self.im_start_id] + [self.image_id] * n + [self.im_end_id]
+            out_labels += [IGNORE_INDEX] * (n + 2)
+        return out_ids, out_labels
 
-    def encode_conversation(self, turns: Sequence[Turn], *, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def with_examples(self, turns: Sequence[Turn], examples: int) -> list[Turn]:
+        """Put `examples` example placeholders into the first user turn, before the query image.
+
+        A first turn that already holds one `<image>` per example image plus the query's is the user's
+        own text and is kept; one with a single `<image>` (the query) or none gets `EXAMPLE_TEXT` per
+        example in front (and the query's `<image>` when absent). Anything else is an InputError."""
+        turns = list(turns)
+        if not examples:
+            return turns
+        if examples > self.config.icl.max_examples:
+            raise InputError(f"{examples} in-context examples given; this model takes at most "
+                             f"{self.config.icl.max_examples} (icl.max_examples)")
+        first = turns[0].content
+        found = first.count(IMAGE)
+        need = examples * self.config.images_per_example + 1
+        if found == need:
+            return turns
+        if found > 1:
+            raise InputError(f"the first turn has {found} {IMAGE} placeholders; with {examples} "
+                             f"{self.config.icl.encoding} example(s) write {need} (examples first, the query last) "
+                             "or only the query's")
+        query = first if found else f"{IMAGE}\n{first}"
+        text = "\n".join([EXAMPLE_TEXT[self.config.icl.encoding]] * examples) + "\n" + query
+        return [Turn(role=turns[0].role, content=text), *turns[1:]]
+
+    def encode_conversation(self, turns: Sequence[Turn], *, add_generation_prompt: bool = False,
+                            examples: int = 0) -> tuple[list[int], list[int]]:
         """The chat template -> (input_ids, labels); only assistant answers (and their end token) carry loss.
 
         With `add_generation_prompt` the conversation ends on a user turn and the ids end where the
@@ -201,6 +257,7 @@ class Processor:
         turns = list(turns)
         if not turns or turns[0].role != "user":
             raise InputError("a conversation starts with a user turn")
+        turns = self.with_examples(turns, examples)
         if IMAGE not in turns[0].content:
             turns[0] = Turn(role="user", content=f"{IMAGE}\n{turns[0].content}")
         tpl = self.template
@@ -228,10 +285,7 @@ class Processor:
             labels += [IGNORE_INDEX] * len(piece)
         elif turns[-1].role != "assistant":
             raise InputError("a training conversation must end with an assistant turn")
-        expanded = self._expand_image(ids)
-        n_extra = len(expanded) - len(ids)
-        i = ids.index(self.image_id)
-        labels = labels[:i] + [IGNORE_INDEX] * (n_extra + 1) + labels[i + 1 :]
+        expanded, labels = self._expand_images(ids, labels, examples)
         if len(expanded) > self.config.tokenizer.model_max_length:
             raise InputError(f"sequence of {len(expanded)} tokens exceeds the model's {self.config.tokenizer.model_max_length}")
         return expanded, labels
@@ -246,13 +300,18 @@ class Processor:
         target_masks: Sequence[np.ndarray] = (),
         *,
         add_generation_prompt: bool = False,
+        examples: Sequence["Example"] = (),
     ) -> Encoded:
         """Everything the model needs for one image + conversation.
 
         `region_arrays[i]` is the loaded mask for a MaskRegion (None otherwise); `target_masks`
-        are (H, W) arrays, nonzero = foreground, one per `[SEG]` in the answers, in order."""
+        are (H, W) arrays, nonzero = foreground, one per `[SEG]` in the answers, in order.
+        `examples` are checked in-context (image, mask) pairs shown before the image, encoded per
+        `config.icl.encoding`; regions, targets and `[SEG]` belong to the image (the query)."""
         img = self.prepare_image(image)
-        ids, labels = self.encode_conversation(turns, add_generation_prompt=add_generation_prompt)
+        ids, labels = self.encode_conversation(turns, add_generation_prompt=add_generation_prompt,
+                                               examples=len(examples))
+        example_pixels = [self.prepare_image(a).vision_pixels for a in self.example_images(examples)]
         n_tags = ids.count(self.region_id)
         if n_tags != len(regions):
             raise InputError(f"the text has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
@@ -266,12 +325,23 @@ class Processor:
         n_seg = sum(1 for t, lab in zip(ids, labels) if t == self.seg_id and lab != IGNORE_INDEX)
         if not add_generation_prompt and n_seg != len(targets):
             raise InputError(f"the answers hold {n_seg} {SEG} tokens but {len(targets)} target masks were given")
-        return Encoded(torch.tensor(ids), torch.tensor(labels), img, region_masks, targets)
+        return Encoded(torch.tensor(ids), torch.tensor(labels), img, region_masks, targets, example_pixels)
+
+    def example_images(self, examples: Sequence["Example"]) -> list[np.ndarray]:
+        """The prompt images of in-context examples, in order: per example its overlay, or its image and
+        then its mask image (config.icl.encoding); each (H, W, 3) uint8."""
+        from medplib.retrieval.examples import encode_example
+
+        if len(examples) > self.config.icl.max_examples:
+            raise InputError(f"{len(examples)} in-context examples given; this model takes at most "
+                             f"{self.config.icl.max_examples} (icl.max_examples)")
+        return [a for ex in examples for a in encode_example(ex, self.config.icl.encoding)]
 
     def encode_loaded(self, loaded: LoadedSample) -> Encoded:
         """A sample from `medplib.data.loading` (the training Dataset's item) -> Encoded."""
         masks = [t for t in loaded.target_masks if t is not None]
-        return self.encode(loaded.image, loaded.sample.conversations, loaded.regions, loaded.region_masks, masks)
+        return self.encode(loaded.image, loaded.sample.conversations, loaded.regions, loaded.region_masks, masks,
+                           examples=loaded.examples)
 
     def collate(self, items: Sequence[Encoded]) -> dict[str, Any]:
         """Right-pad token sequences; images stack; regions and targets stay per-sample lists."""
@@ -295,6 +365,9 @@ class Processor:
             "target_masks": [e.target_masks for e in items],
             "original_hw": [e.image.original_hw for e in items],
             "pixel_valid_hw": [e.image.pixel_valid_hw for e in items],
+            # per sample (k_b, 3, Sv, Sv): its in-context example images, k_b = 0 without any
+            "example_pixels": [torch.stack(e.examples) if e.examples else e.image.vision_pixels.new_zeros(
+                (0, *e.image.vision_pixels.shape)) for e in items],
         }
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -53,6 +53,9 @@ class ImageFeatures:
     pixel: torch.Tensor | None = None  # (1, C, h, w)
     prefix_ids: torch.Tensor | None = None  # (P,) the token ids the prefix cache was computed for
     prefix_cache: Any = None  # a transformers Cache over those P positions
+    # The in-context example features (the very tensors, compared by identity) that prefix held: example
+    # image tokens all share the `<image>` id, so the ids alone cannot tell two example sets apart.
+    prefix_examples: tuple[torch.Tensor, ...] = ()
 
     def nbytes(self) -> int:
         tensors = [self.vision] + ([self.pixel] if self.pixel is not None else [])
@@ -167,26 +170,45 @@ class MedPLIBModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             return self.pixel_encoder(pixel_values.to(next(self.pixel_encoder.parameters()).dtype))
 
-    def _pool_tokens(self, vision_feats: torch.Tensor) -> torch.Tensor:
-        """(B, g*g, Dv) -> (B, t*t, Dv), average-pooled to the config's token grid t."""
-        t = self.cfg.vision.token_grid
-        if not t:
+    def _pool_tokens(self, vision_feats: torch.Tensor, side: int | None = None) -> torch.Tensor:
+        """(B, g*g, Dv) -> (B, t*t, Dv), average-pooled to the token grid t: `side`, else the config's
+        (query) token grid."""
+        t = side or self.cfg.vision.token_grid
+        if not t or (side is not None and side**2 == vision_feats.shape[1]):
             return vision_feats
         b, n, d = vision_feats.shape
         g = int(round(n**0.5))
         grid = vision_feats.transpose(1, 2).reshape(b, d, g, g)
         return F.adaptive_avg_pool2d(grid, t).flatten(2).transpose(1, 2)
 
-    def embed(self, input_ids: torch.Tensor, vision_feats: torch.Tensor, region_masks: list[list[torch.Tensor]]) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, vision_feats: torch.Tensor, region_masks: list[list[torch.Tensor]],
+              example_feats: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
         """Token embeddings with image features at `<image>` ids and region tokens at `<region>` ids.
 
-        input_ids (B, T); vision_feats (B, N, Dv) -> (B, T, H)."""
+        input_ids (B, T); vision_feats (B, N, Dv), the query images -> (B, T, H). `example_feats[b]`:
+        sample b's in-context example images in prompt order, tensors (n_i, N, Dv) concatenated along
+        dim 0; their tokens (pooled to `cfg.example_grid`) fill the `<image>` ids before the query's.
+        Regions are read from the query's features."""
         emb = self.llm.get_input_embeddings()(input_ids)
         is_img = input_ids == self.ids.image
         n_img = is_img.sum(dim=1)
-        if not torch.all(n_img == self.cfg.vision.num_image_tokens):
-            raise InputError(f"each sequence needs {self.cfg.vision.num_image_tokens} image tokens, found {n_img.tolist()}")
+        examples = [torch.cat(f) if f else None for f in example_feats] if example_feats is not None else [None] * len(n_img)
+        if len(examples) != input_ids.shape[0]:
+            raise InputError(f"{len(examples)} example lists for {input_ids.shape[0]} sequences")
+        n_ex = [0 if f is None else int(f.shape[0]) for f in examples]
+        want = [self.cfg.vision.num_image_tokens + k * self.cfg.num_example_tokens for k in n_ex]
+        if n_img.tolist() != want:
+            if not any(n_ex):
+                raise InputError(f"each sequence needs {self.cfg.vision.num_image_tokens} image tokens, found {n_img.tolist()}")
+            raise InputError(f"with {n_ex} example images the sequences need {want} image tokens, found {n_img.tolist()}")
         img = self.projector(self._pool_tokens(vision_feats)).to(emb.dtype)
+        if any(n_ex):
+            # Examples precede the query in every prompt; masked_scatter fills row by row, in order.
+            ex = self.projector(self._pool_tokens(torch.cat([f for f in examples if f is not None]),
+                                                  self.cfg.example_grid)).to(emb.dtype)  # (sum k, Ne, H)
+            per_row = list(ex.split([k for k in n_ex if k]))
+            rows = [torch.cat([per_row.pop(0).flatten(0, 1), img[b]]) if k else img[b] for b, k in enumerate(n_ex)]
+            img = torch.cat(rows)
         emb = emb.masked_scatter(is_img.unsqueeze(-1), img)
         is_reg = input_ids == self.ids.region
         if is_reg.any() or any(region_masks):
@@ -226,10 +248,17 @@ class MedPLIBModel(nn.Module):
         original_hw: list[tuple[int, int]],
         pixel_valid_hw: list[tuple[int, int]],
         labels: torch.Tensor | None = None,
+        example_pixels: list[torch.Tensor] | None = None,
     ) -> MedPLIBOutput:
-        """Teacher-forced losses. input_ids/labels/attention_mask (B, T); pixels (B, 3, S, S)."""
+        """Teacher-forced losses. input_ids/labels/attention_mask (B, T); pixels (B, 3, S, S);
+        example_pixels: per sample its in-context example images (k_b, 3, Sv, Sv), k_b may be 0."""
         vision_feats = self.encode_vision(vision_pixels)
-        emb = self.embed(input_ids, vision_feats, region_masks)
+        example_feats = None
+        if example_pixels is not None and any(p.shape[0] for p in example_pixels):
+            # One tower pass for every example image of the batch, split back per sample.
+            feats = self.encode_vision(torch.cat(list(example_pixels)).to(vision_pixels.device, vision_pixels.dtype))
+            example_feats = [[f] if f.shape[0] else [] for f in feats.split([p.shape[0] for p in example_pixels])]
+        emb = self.embed(input_ids, vision_feats, region_masks, example_feats)
         self._set_moe_token_mask(attention_mask)
         hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
         self._set_moe_token_mask(None)
@@ -306,18 +335,21 @@ class MedPLIBModel(nn.Module):
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
         on_token: Callable[[int], None] | None = None,
+        examples: list[torch.Tensor] | None = None,
     ) -> GenerationOutput:
         """Decode one sample: input_ids (1, T) ending with `ASSISTANT:`; pixel_values (1, 3, Sp, Sp).
 
         Greedy when temperature < MIN_SAMPLING_TEMPERATURE. `features.pixel` is computed on the first `[SEG]` only
         (and kept, so a later question on the same image reuses it). With the cache this is a batch
         of one of `generate_batch` (the image's prefix cache reused); without it, every step reruns
-        the whole sequence (the slow reference)."""
+        the whole sequence (the slow reference). `examples`: the in-context example images' vision
+        features (1, N, Dv) each, in prompt order (`embed`)."""
+        examples = list(examples or [])
         if input_ids.shape[0] != 1:
             raise InputError("generate decodes one sample at a time")
         if use_cache:
             req = DecodeRequest(input_ids[0], features, pixel_values, region_masks, original_hw, pixel_valid_hw,
-                                max_new_tokens, temperature, generator, on_token)
+                                max_new_tokens, temperature, generator, on_token, examples=examples)
             out = self.generate_batch([req])[0]
             if isinstance(out, Exception):
                 raise out
@@ -330,7 +362,7 @@ class MedPLIBModel(nn.Module):
                 raise InputError(f"the prompt ({input_ids.shape[1]} tokens) fills the model's context of {limit}")
         decoder, head = self.llm.get_decoder(), self.llm.get_output_embeddings()
         embed_tokens = self.llm.get_input_embeddings()
-        seq = self.embed(input_ids, features.vision, [region_masks])
+        seq = self.embed(input_ids, features.vision, [region_masks], [examples])
         out = decoder(inputs_embeds=seq, use_cache=False)
         tokens: list[int] = []
         seg_hidden: list[torch.Tensor] = []

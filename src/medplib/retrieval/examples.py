@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
+from PIL import Image
 
 from medplib.data.images import grey_to_rgb, read_image
 from medplib.data.masks import read_mask
@@ -70,6 +72,34 @@ def load_example(image: str | Path, mask: MaskRef, root: str | Path = ".", *, la
     except InputError as exc:
         mask_name = mask if isinstance(mask, (str, Path)) else "RLE"
         raise InputError(f"{exc} (mask {mask_name})") from None
+
+
+ExampleInput = Union[Example, tuple[Any, Any]]  # an Example or an (image, mask) pair
+
+
+def as_example(item: ExampleInput, *, where: str = "example") -> Example:
+    """An Example as given, or an (image, mask) pair checked into one: the image an (H, W[, 3]) uint8
+    array, a PIL image or a file path; the mask an (H, W) bool/integer array or a mask file path (with
+    the readers' `#options`). Raises InputError naming `where` (and the files) for a missing file, a
+    size mismatch, an empty mask or anything that is not such a pair."""
+    if isinstance(item, Example):
+        return item
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise InputError(f"{where}: expected an Example or an (image, mask) pair, got {type(item).__name__}")
+    image, mask = item
+    if isinstance(image, (str, Path)) and isinstance(mask, (str, Path)):
+        return load_example(image, str(mask))
+    if isinstance(image, (str, Path)):
+        where = f"{where} {image}"
+        image = read_image(image).rgb
+    elif isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(mask, (str, Path)):
+        where = f"{where} (mask {mask})"
+        mask = read_mask(str(mask))
+    elif isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    return check_example(image, mask, where=where)
 
 
 def overlay_example(example: Example, *, color: tuple[int, int, int] = OVERLAY_COLOR,
