@@ -8,7 +8,11 @@ For each image: merge the instances of each label, then write samples for
 - grounding: text -> `[SEG]` mask (and "there is no X" for an absent label);
 - box_grounding: text -> boxes in the answer text (Med-GRIT `<box>` on 0..1000 by default);
 - caption: a one-sentence description (modality and the structures present, largest first): the
-  image-caption pairs of stage I alignment, where the answer can only come from the image.
+  image-caption pairs of stage I alignment, where the answer can only come from the image;
+- icl (opt-in, not in the default tasks): in-context segmentation episodes, k example (image, mask)
+  pairs and a query image sharing a label, drawn across the images and groups (patients) of one
+  source and one split; the question does not name the label, so the answer must come from the
+  examples. Written after every image was seen (`icl_episodes`).
 Every task has several phrasings. Splits are drawn per group (patient / volume) from a hash, so
 one group never straddles splits, and the whole build is deterministic for a seed.
 """
@@ -26,11 +30,12 @@ from scipy import ndimage
 from medplib.data.boxes import (MED_GRIT_GRID, MINIGPT_GRID, box_to_grid, format_med_grit, format_minigpt,
                                 mask_to_box)
 from medplib.data.masks import write_mask_png
-from medplib.data.schema import (IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, BoxRegion, MaskRegion, PointRegion, Sample,
-                                 Target, Turn)
+from medplib.data.schema import (IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, BoxRegion, ExampleRef, MaskRegion, PointRegion,
+                                 Sample, Target, Turn)
 from medplib.errors import ConfigError
 
-TASKS = ("vqa", "region_vqa", "grounding", "box_grounding", "caption")
+TASKS = ("vqa", "region_vqa", "grounding", "box_grounding", "caption")  # the default build
+ALL_TASKS = TASKS + ("icl",)
 MAX_BOXES_IN_TEXT = 8
 
 MODALITY_NAMES = {
@@ -76,6 +81,8 @@ class BuildConfig:
     box_format: str = "med-grit"  # or "minigpt"
     negatives: bool = True
     paraphrase: Callable[[str], str] | None = None  # rewrites a user question; placeholders must survive
+    icl_examples: Sequence[int] = (1, 2, 3)  # icl task: example counts k, one drawn per episode
+    icl_episodes: int = 1  # icl task: episodes per (image, label) as the query
 
 
 @dataclass
@@ -107,6 +114,9 @@ _A_SEG = ["Sure, it is {s}.", "{s}.", "Here is the {l}: {s}.", "The {l} is {s}."
 _A_SEG_NONE = ["There is no {l} in this image.", "No {l} is visible in this image."]
 _T_BOX = ["Where is the {l}? Answer with a box.", "Give the bounding box of the {l}.", "Locate the {l} in the image.",
           "Find the {l} and give its coordinates."]
+_T_ICL = ["Segment the same structure in this image.", "Find the same structure here and segment it.",
+          "Segment the structure marked in the examples.", "Where is the same structure in this image? Please output the mask."]
+_A_ICL = ["Sure, it is {s}.", "{s}.", "Here it is: {s}."]
 _T_CAPTION = ["Describe this image briefly.", "What does this image show?", "Give a short caption for this image.",
               "Summarize the image in one sentence."]
 
@@ -289,15 +299,70 @@ class _Writer:
         yield self.sample("caption", self.pick(_T_CAPTION), f"{what} showing {listed}.", "open", kind="caption")
 
 
+@dataclass(frozen=True)
+class _Annotated:
+    """One (image, label) structure as an icl query or example."""
+
+    image: str
+    mask: str
+    box: tuple[float, float, float, float]
+    group: str
+    modality: str | None
+    meta: dict
+
+
+def icl_episodes(pools: dict[tuple[str, str, str], list[_Annotated]], cfg: BuildConfig) -> Iterator[Sample]:
+    """In-context episodes from `pools` ((source, split, label) -> its structures, in build order):
+    each structure is the query of `cfg.icl_episodes` episodes whose k examples are other images of
+    its pool, from other groups (patients) when the pool has them, so a patient never serves as its
+    own example. Examples and query share source, split and label, so splits stay leak-free."""
+    bad = [k for k in cfg.icl_examples if not 1 <= int(k) <= 8]
+    if bad or not cfg.icl_examples:
+        raise ConfigError(f"icl_examples must be example counts in 1..8, got {list(cfg.icl_examples)}")
+    for (source, split, label), pool in pools.items():
+        for q in pool:
+            others = [a for a in pool if a.image != q.image]
+            elsewhere = [a for a in others if a.group != q.group]
+            candidates = elsewhere or others
+            if not candidates:
+                continue  # a label seen in one image only cannot make an episode
+            digest = hashlib.sha1(f"{cfg.seed}:icl:{source}:{q.image}:{label}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+            for e in range(cfg.icl_episodes):
+                k = min(int(cfg.icl_examples[int(rng.integers(len(cfg.icl_examples)))]), len(candidates))
+                chosen = [candidates[int(i)] for i in rng.choice(len(candidates), size=k, replace=False)]
+                question = _T_ICL[int(rng.integers(len(_T_ICL)))]
+                if cfg.paraphrase is not None:
+                    question = cfg.paraphrase(question)
+                answer = _A_ICL[int(rng.integers(len(_A_ICL)))].format(s=SEG_TOKEN)
+                yield Sample(
+                    id=f"{source}:{_stem(q.image)}:icl:{_slug(label)}:{e + 1}", image=q.image,
+                    conversations=[Turn(role="user", content=f"{IMAGE_TOKEN}\n{question}"),
+                                   Turn(role="assistant", content=answer)],
+                    targets=[Target(mask=q.mask, box=q.box, label=label)],
+                    examples=[ExampleRef(image=a.image, mask=a.mask, label=label) for a in chosen],
+                    modality=q.modality, task="icl", answer_type="open", source=source, split=split,  # type: ignore[arg-type]
+                    group=q.group, meta={**q.meta, "k": k, "example_groups": [a.group for a in chosen]})
+
+
 def build_samples(items: Iterable[LabelledImage], root: Path, cfg: BuildConfig | None = None) -> Iterator[Sample]:
-    """Yield instruction samples for every image; merged masks are written under `root`."""
+    """Yield instruction samples for every image; merged masks are written under `root`. The icl
+    task's episodes come last (they need every image of a source)."""
     cfg = cfg or BuildConfig()
-    unknown = set(cfg.tasks) - set(TASKS)
+    unknown = set(cfg.tasks) - set(ALL_TASKS)
     if unknown:
-        raise ConfigError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(ALL_TASKS)}")
+    per_image = [t for t in cfg.tasks if t != "icl"]
+    pools: dict[tuple[str, str, str], list[_Annotated]] = {}
     for item in items:
         structures = merge_instances(item, Path(root))
         split = item.split or split_of(item.group or _stem(item.image), cfg.seed, cfg.val_fraction, cfg.test_fraction)
         writer = _Writer(item, structures, cfg, split)
-        for task in cfg.tasks:
+        for task in per_image:
             yield from getattr(writer, task)()
+        if "icl" in cfg.tasks:
+            for s in structures:
+                pools.setdefault((item.source, split, s.label), []).append(_Annotated(
+                    item.image, s.path, mask_to_box(s.mask), item.group or _stem(item.image), item.modality, dict(item.meta)))
+    if "icl" in cfg.tasks:
+        yield from icl_episodes(pools, cfg)

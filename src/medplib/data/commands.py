@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from medplib.data.builder import TASKS, BuildConfig
+from medplib.data.builder import ALL_TASKS, TASKS, BuildConfig
 from medplib.data.schema import read_jsonl, write_jsonl
 from medplib.data.stats import format_stats, sample_stats
 from medplib.errors import MedplibError
@@ -50,7 +50,7 @@ def build(
     src: Optional[Path] = typer.Argument(None, help="dataset folder or file (not needed for phantoms)"),
     source: Source = typer.Option(..., "--source", help="layout of SRC"),
     out: Path = typer.Option(..., "--out", help="output folder: samples.jsonl and any written masks"),
-    tasks: str = typer.Option(",".join(TASKS), help="comma-separated builder tasks (mask sources)"),
+    tasks: str = typer.Option(",".join(TASKS), help=f"comma-separated builder tasks (mask sources); all: {','.join(ALL_TASKS)}"),
     seed: int = typer.Option(0, help="seed for phrasings, region prompts and splits"),
     modality: Optional[str] = typer.Option(None, help="modality when the source does not say (sa-med2d, lvit, volumes)"),
     target: Optional[str] = typer.Option(None, help="what the LViT masks segment (default from the dataset name)"),

@@ -3,8 +3,9 @@ that the masks fit the image and the regions lie inside it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from medplib.data.images import read_image
 from medplib.data.masks import read_mask
 from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Sample
 from medplib.errors import InputError
+
+if TYPE_CHECKING:
+    from medplib.retrieval.examples import Example
 
 # regions may touch the far image edge (pixel-edge coordinates run 0..W and 0..H); a hair of
 # slack absorbs float round-off from rescaled boxes
@@ -23,13 +27,14 @@ class LoadedSample:
     """sample: the validated Sample. image: (H, W, 3) uint8 RGB. regions: the schema regions, in
     placeholder order. region_masks: per region a (H, W) bool mask for MaskRegion, None for
     point/box/polygon (they stay geometric). target_masks: per target a (H, W) bool mask, None
-    for box-only targets."""
+    for box-only targets. examples: the in-context examples, read and checked."""
 
     sample: Sample
     image: np.ndarray
     regions: list[Region]
     region_masks: list[np.ndarray | None]
     target_masks: list[np.ndarray | None]
+    examples: list["Example"] = field(default_factory=list)
 
 
 def _inside(x: float, y: float, w: int, h: int) -> bool:
@@ -76,5 +81,8 @@ def load_sample(sample: Sample, root: str | Path) -> LoadedSample:
             if not (_inside(x1, y1, size[1], size[0]) and _inside(x2, y2, size[1], size[0])):
                 raise InputError(f"{where}: target box {target.box} lies outside the {size[1]}x{size[0]} image")
         target_masks.append(read_mask(target.mask, root, size=size) if target.mask is not None else None)
+    from medplib.retrieval.examples import load_example
+
+    examples = [load_example(e.image, e.mask, root, label=e.label) for e in sample.examples]
     return LoadedSample(sample=sample, image=data.rgb, regions=list(sample.regions), region_masks=region_masks,
-                        target_masks=target_masks)
+                        target_masks=target_masks, examples=examples)

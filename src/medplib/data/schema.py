@@ -6,7 +6,9 @@ A sample is one image with a conversation about it. Text conventions inside the 
   to the next entry of `regions` (any number per question);
 - each `[SEG]` in an assistant turn is grounded by the next entry of `targets` that has a mask;
 - boxes in answer text use the model's box format (see `medplib.data.boxes`); `targets` keeps
-  the box in pixels for evaluation.
+  the box in pixels for evaluation;
+- `examples` are in-context (image, mask) pairs shown before the image (the query); the Processor
+  writes their placeholders into the first user turn (see `Processor.with_examples`).
 All coordinates are pixels of the original image, x to the right, y down, (0, 0) the top-left
 corner of the top-left pixel. Paths are relative to the JSONL file's folder unless absolute.
 """
@@ -26,7 +28,7 @@ REGION_TOKEN = "<region>"
 SEG_TOKEN = "[SEG]"
 
 Modality = str  # ct, mr, xray, pet, endoscopy, dermoscopy, fundus, ultrasound, histopathology, ...
-Task = Literal["vqa", "region_vqa", "grounding", "box_grounding", "caption", "report"]
+Task = Literal["vqa", "region_vqa", "grounding", "box_grounding", "caption", "report", "icl"]
 
 
 class _Strict(BaseModel):
@@ -93,6 +95,14 @@ class Target(_Strict):
         return self
 
 
+class ExampleRef(_Strict):
+    """An in-context example: an image and the mask of the structure to find in the sample's image."""
+
+    image: str = Field(min_length=1)
+    mask: MaskRef
+    label: str | None = None
+
+
 class Turn(_Strict):
     role: Literal["user", "assistant"]
     content: str
@@ -104,6 +114,7 @@ class Sample(_Strict):
     conversations: list[Turn] = Field(min_length=2)
     regions: list[Region] = Field(default_factory=list)
     targets: list[Target] = Field(default_factory=list)
+    examples: list[ExampleRef] = Field(default_factory=list)
     modality: Modality | None = None
     task: Task | None = None
     answer_type: Literal["open", "closed"] | None = None
@@ -171,7 +182,8 @@ def write_jsonl(samples: Iterator[Sample] | list[Sample], path: str | Path) -> i
     n = 0
     with tmp.open("w", encoding="utf-8") as fh:
         for s in samples:
-            fh.write(s.model_dump_json(exclude_defaults=False) + "\n")
+            # Samples without examples are written as before the field existed (older readers still read them).
+            fh.write(s.model_dump_json(exclude_defaults=False, exclude=None if s.examples else {"examples"}) + "\n")
             n += 1
     tmp.replace(path)
     return n

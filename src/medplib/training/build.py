@@ -8,8 +8,8 @@ import dataclasses
 import torch
 
 from medplib.api import MedPLIB
-from medplib.config import MoEConfig
-from medplib.errors import CheckpointError
+from medplib.config import MedPLIBConfig, MoEConfig
+from medplib.errors import CheckpointError, ConfigError
 from medplib.model.moe import replace_mlps_with_moe
 from medplib.training.recipe import Recipe, RecipeError, UpcycleSection
 from medplib.training.trainable import add_lora, set_trainable
@@ -58,6 +58,13 @@ def build_model(recipe: Recipe) -> MedPLIB:
     if recipe.lora.r:
         add_lora(m.model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.targets)
     m.config.loss = dataclasses.replace(m.config.loss, **recipe.loss)  # the model reads it from this shared config
+    if recipe.icl:
+        # The in-context prompt this stage trains (and the saved model keeps): model and Processor share this config.
+        m.config.icl = dataclasses.replace(m.config.icl, **recipe.icl)
+        try:
+            MedPLIBConfig.from_dict(m.config.to_dict())  # the config's own checks
+        except ConfigError as exc:
+            raise RecipeError(f"icl: {exc}") from None
     set_trainable(m.model, [*recipe.trainable, *recipe.unfreeze])
     return m
 

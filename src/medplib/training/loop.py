@@ -49,6 +49,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         out[key] = batch[key].to(device)
     out["region_masks"] = [[m.to(device) for m in ms] for ms in batch["region_masks"]]
     out["target_masks"] = [[m.to(device) for m in ms] for ms in batch["target_masks"]]
+    if "example_pixels" in batch:
+        out["example_pixels"] = [p.to(device) for p in batch["example_pixels"]]
     return out
 
 

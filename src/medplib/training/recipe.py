@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from medplib.config import LossConfig
+from medplib.config import ICLConfig, LossConfig
 from medplib.errors import ConfigError
 
 
@@ -125,6 +125,7 @@ class Recipe:
     lora: LoraSection = field(default_factory=LoraSection)
     upcycle: UpcycleSection = field(default_factory=UpcycleSection)
     loss: dict[str, float] = field(default_factory=dict)  # LossConfig weights set for this stage
+    icl: dict[str, Any] = field(default_factory=dict)  # ICLConfig fields set for this stage (saved with the model)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -138,6 +139,9 @@ class Recipe:
         bad = set(self.loss) - {f.name for f in dataclasses.fields(LossConfig)}
         if bad:
             raise RecipeError(f"loss: unknown weights {sorted(bad)} (known: ce, bce, dice, focal, iou)")
+        known = {f.name for f in dataclasses.fields(ICLConfig)}
+        if set(self.icl) - known:
+            raise RecipeError(f"icl: unknown keys {sorted(set(self.icl) - known)} (known: {', '.join(sorted(known))})")
         t = self.train
         if t.global_batch < 1 or t.micro_batch < 1:
             raise RecipeError("train.global_batch and train.micro_batch must be >= 1")
