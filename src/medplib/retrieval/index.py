@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from medplib.api import MedPLIB
 from medplib.errors import InputError, MedplibError
 from medplib.retrieval.embed import ImageEmbedder, image_hash
+from medplib.retrieval.examples import Example, load_example
 from medplib.retrieval.library import LibraryItem, load_item, read_library
 
 try:
@@ -282,3 +284,24 @@ def query(index: ExampleIndex, embedder: ImageEmbedder, image: np.ndarray, k: in
     the same decoded pixels) is never returned."""
     index.check_model(embedder)
     return index.search(embedder.embed([image])[0], k, label=label, exclude=[image_hash(image)])
+
+
+def embedder_for(index: ExampleIndex, model: MedPLIB) -> ImageEmbedder:
+    """An embedder whose vectors compare with the index's: `model`'s own vision tower when its fingerprint
+    matches the index, else the model the index was built with (recorded in its manifest)."""
+    embedder = ImageEmbedder(model)
+    if embedder.fingerprint == index.fingerprint and embedder.dim == index.dim:
+        return embedder
+    path = index.model_path
+    if path is None or not path.is_dir():
+        index.check_model(embedder)  # raises, naming both fingerprints
+    embedder = ImageEmbedder(MedPLIB.from_pretrained(path, device=model.device))
+    index.check_model(embedder)
+    return embedder
+
+
+def retrieve_examples(index: ExampleIndex, embedder: ImageEmbedder, image: np.ndarray, k: int = 3, *,
+                      label: str | None = None) -> list[Example]:
+    """The top-k examples for an (H, W, 3) uint8 query image (never the image itself), read and checked
+    (`load_example`: a library file gone since indexing is an InputError naming it), best first."""
+    return [load_example(h.image, h.mask, label=h.label) for h in query(index, embedder, image, k, label=label)]

@@ -18,9 +18,9 @@ import uuid
 import socket
 import threading
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,7 +37,8 @@ from medplib.model.decoding import DECODE_MODES
 from medplib.inference import Prediction, Predictor, Query, with_placeholders
 from medplib.serving import schemas
 from medplib.serving.errors import ClientClosed, PromptTooLong, Unauthorized, UnknownModel, error_body, status_of
-from medplib.serving.inputs import decode_data_url, decode_image, read_body, region_arrays, segment_question
+from medplib.retrieval.examples import Example
+from medplib.serving.inputs import decode_data_url, decode_image, examples_of, read_body, region_arrays, segment_question
 from medplib.serving.worker import ModelWorker
 
 STATIC = Path(__file__).parent / "static"
@@ -78,6 +79,7 @@ class Job:
     history: list[Turn]
     max_new_tokens: int | None
     temperature: float
+    examples: list[Example] = field(default_factory=list)  # in-context examples, checked
 
 
 def _parse(model: type[M], body: bytes) -> M:
@@ -165,41 +167,42 @@ class Server:
         if len(regions) > s.max_regions:
             raise PromptTooLong(f"{len(regions)} regions are over the limit of {s.max_regions}")
 
-    def check_context(self, question: str, history: list[Turn]) -> None:
-        """The prompt's tokens (image tokens included) must leave room for one answer token."""
+    def check_context(self, question: str, history: list[Turn], examples: int = 0) -> None:
+        """The prompt's tokens (image and example tokens included) must leave room for one answer token."""
         model = self.predictor.model
         ids, _ = model.processor.encode_conversation([*history, Turn(role="user", content=question)],
-                                                     add_generation_prompt=True)  # raises past model_max_length
+                                                     add_generation_prompt=True, examples=examples)  # raises past model_max_length
         context = getattr(model.model.llm.config, "max_position_embeddings", None)
         if context is not None and len(ids) >= context:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens and fills the model's context of {context}")
 
     def job(self, image_url: str, question: str, regions: list[Region], history: list[Turn],
-            max_new_tokens: int | None, temperature: float) -> Job:
+            max_new_tokens: int | None, temperature: float, examples: Sequence[schemas.ExamplePair] = ()) -> Job:
         """Decode and validate everything a request carries (runs off the event loop)."""
         self.check_prompt(question, history, regions)
         question = with_placeholders(question, len(regions), history)
         written = question.count(REGION_TOKEN) + sum(t.content.count(REGION_TOKEN) for t in history if t.role == "user")
         if written != len(regions):
             raise InputError(f"the conversation has {written} {REGION_TOKEN} placeholders but {len(regions)} regions were given")
-        self.check_context(question, history)
+        self.check_context(question, history, len(examples))
         rgb = decode_image(decode_data_url(image_url), self.settings.max_image_pixels)
+        checked = examples_of(examples, self.settings.max_image_pixels)
         hw = (int(rgb.shape[0]), int(rgb.shape[1]))
         arrays = region_arrays(regions, hw)
         for region, array in zip(regions, arrays):
             self.predictor.model.processor.rasterize_region(region, hw, array)  # raises for a region outside the image
-        return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature)
+        return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature, checked)
 
     def run(self, job: Job, on_text: Callable[[str], None] | None = None) -> Prediction:
         """On the model thread."""
         self.predictor.set_image(job.rgb)
         return self.predictor.ask(job.question, job.regions, job.arrays, job.history, max_new_tokens=job.max_new_tokens,
-                                  temperature=job.temperature, on_text=on_text)
+                                  temperature=job.temperature, on_text=on_text, examples=job.examples)
 
     def run_batch(self, items: list[tuple[Job, Callable[[str], None] | None]]) -> list[Prediction | Exception]:
         """On the model thread: (job, text callback) pairs decoded together, one result or exception each."""
         return self.predictor.ask_batch([Query(j.rgb, j.question, j.regions, j.arrays, j.history, j.max_new_tokens,
-                                               j.temperature, on_text) for j, on_text in items])
+                                               j.temperature, on_text, j.examples) for j, on_text in items])
 
     # ---------------------------------------------------------------- routes
     async def chat(self, request: Request) -> Any:
@@ -210,7 +213,8 @@ class Server:
             raise PromptTooLong(f"{len(req.messages)} messages are over the limit of {self.settings.max_messages}")
         history, question, url = chat_turns(req.messages)
         job = await run_in_threadpool(self.job, url, question, req.medplib.regions, history,
-                                      req.max_completion_tokens or req.max_tokens, req.temperature or 0.0)
+                                      req.max_completion_tokens or req.max_tokens, req.temperature or 0.0,
+                                      req.medplib.examples)
         rid, created, png = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.medplib.return_png
         if not req.stream:
             pred = await self.worker.submit_batched((job, None))
@@ -262,7 +266,7 @@ class Server:
         req = _parse(schemas.SegmentRequest, await read_body(request, self.settings.max_upload_bytes))
         self.check_model(req.model)
         question = segment_question(req.target, req.question)
-        job = await run_in_threadpool(self.job, req.image, question, req.regions, [], req.max_tokens, 0.0)
+        job = await run_in_threadpool(self.job, req.image, question, req.regions, [], req.max_tokens, 0.0, req.examples)
         pred = await self.worker.submit_batched((job, None))
         return JSONResponse({"id": f"seg-{uuid.uuid4().hex}", "object": "segmentation", "model": self.settings.model_name,
                              "text": pred.text, **schemas.extension(pred, req.return_png)})

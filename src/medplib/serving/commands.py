@@ -36,6 +36,32 @@ def _image_ref(image: Path, slice_index: Optional[int], axis: int) -> str:
     return f"{image}#frame={slice_index}" if slice_index is not None else str(image)
 
 
+def _example_pair(text: str) -> tuple[Path, Path]:
+    """`--example IMG:MASK` -> (image path, mask path); split at the last colon."""
+    image, sep, mask = text.rpartition(":")
+    if not sep or not image or not mask:
+        raise InputError(f"--example {text!r} must be IMAGE:MASK (an image file and its mask file)")
+    return Path(image), Path(mask)
+
+
+def _examples(example: list[str], retrieve: Optional[Path], k: int, label: Optional[str], rgb: np.ndarray,
+              model: Any) -> list[Any]:
+    """The hand-given examples (checked, in order), then the index's top-k for the image (never itself)."""
+    from medplib.retrieval.examples import as_example
+
+    out = [as_example(_example_pair(e), where=f"--example {e}") for e in example]
+    if retrieve is not None:
+        from medplib.retrieval.index import ExampleIndex, embedder_for, retrieve_examples
+
+        index = ExampleIndex.load(retrieve)
+        hits = retrieve_examples(index, embedder_for(index, model), rgb, k, label=label)
+        if not hits:
+            raise InputError(f"the index {retrieve} has no example" + (f" labelled {label!r}" if label else "")
+                             + " other than the image itself")
+        out += hits
+    return out
+
+
 def _mask_paths(path: Path, n: int) -> list[Path]:
     """out.png for the first mask, out_2.png, out_3.png ... for the others."""
     return [path if k == 0 else path.with_name(f"{path.stem}_{k + 1}{path.suffix}") for k in range(n)]
@@ -60,11 +86,18 @@ def ask(
                                                  "over the input DICOM series"),
     postprocess: list[str] = typer.Option([], "--postprocess", help="3-D post-processing of a volume's mask: "
                                           "largest_component, consistency (repeatable, in order)"),
+    example: list[str] = typer.Option([], "--example", help="an in-context example IMAGE:MASK shown before the image "
+                                      "(repeatable, up to the model's icl.max_examples)"),
+    retrieve: Optional[Path] = typer.Option(None, "--retrieve", help="an index folder (`medplib index build`): add "
+                                            "its --k nearest examples (never the image itself)"),
+    k: int = typer.Option(3, "--k", help="examples to retrieve with --retrieve"),
+    retrieve_label: Optional[str] = typer.Option(None, "--retrieve-label", help="retrieve only examples of this label"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
-    """Ask one question about one image. Regions are used in this order: points, boxes, masks."""
+    """Ask one question about one image. Regions are used in this order: points, boxes, masks. In-context
+    examples (--example, --retrieve) come before the image; the answer's masks are the image's."""
     from PIL import Image
     from pydantic import ValidationError
 
@@ -77,6 +110,8 @@ def ask(
     from medplib.volume_commands import ask_volume_command, is_volume_request
 
     if is_volume_request(image, mask_out, dicom_seg_out, volume):
+        if example or retrieve is not None:
+            raise InputError("in-context examples (--example, --retrieve) are for 2-D images, not volumes")
         ask_volume_command(image, question, model=model, point=point, box=box, region_mask=region_mask,
                            slice_index=slice_index, axis=axis, mask_out=mask_out, dicom_seg_out=dicom_seg_out,
                            overlay_out=overlay_out, postprocess=postprocess, as_json=as_json,
@@ -90,14 +125,18 @@ def ask(
     regions += [MaskRegion(mask=str(m)) for m in region_mask]
     arrays: list[np.ndarray | None] = [None] * (len(point) + len(box)) + [read_mask_image(m) for m in region_mask]
 
+    if k < 1:
+        raise InputError(f"--k must be at least 1, got {k}")
     data = read_image(_image_ref(image, slice_index, axis))
     predictor = Predictor.from_pretrained(model, device=device, quantize=quantize)
+    examples = _examples(example, retrieve, k, retrieve_label, data.rgb, predictor.model)
     predictor.set_image(data.rgb)
     if as_json:
-        pred = predictor.ask(question, regions, arrays, max_new_tokens=max_new_tokens)
+        pred = predictor.ask(question, regions, arrays, max_new_tokens=max_new_tokens, examples=examples)
     else:
         pred = None
-        for piece in predictor.stream(question, regions, region_arrays=arrays, max_new_tokens=max_new_tokens):
+        for piece in predictor.stream(question, regions, region_arrays=arrays, max_new_tokens=max_new_tokens,
+                                      examples=examples):
             if isinstance(piece, Prediction):
                 pred = piece
             else:
@@ -126,6 +165,7 @@ def ask(
             "mask_files": written,
             "overlay_file": str(overlay_out) if overlay_out is not None else None,
             "timings": pred.timings,
+            "examples": len(examples),
         }))
         return
     for k, (mask, b, s) in enumerate(zip(pred.masks, pred.boxes, pred.scores)):

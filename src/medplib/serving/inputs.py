@@ -1,5 +1,6 @@
 """Turning request inputs into model inputs, with limits: bodies (bytes), data URLs (base64),
-images (pixels; PNG, JPEG, TIFF and DICOM only) and region prompts (the schema's Region objects)."""
+images (pixels; PNG, JPEG, TIFF and DICOM only), region prompts (the schema's Region objects) and
+in-context examples (image + mask data URLs)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import io
 import re
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,13 +21,18 @@ from medplib.data.masks import rle_decode
 from medplib.data.schema import RLE, MaskRegion, Region
 from medplib.errors import InputError
 from medplib.inference import SEGMENT_TEMPLATE
+from medplib.retrieval.examples import Example, check_example
 from medplib.serving.errors import ClientClosed, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from medplib.serving.schemas import ExamplePair
 
 _DATA_URL = re.compile(r"^data:([\w.+/-]*)(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 # What docs/SERVING.md promises, besides DICOM. Pillow opens many more (GIF, BMP, WebP, ICO, TGA, ...);
 # they are refused so the accepted set stays the documented one. MPO is how Pillow names a camera JPEG.
 _FORMATS = {"PNG", "JPEG", "MPO", "TIFF"}
 _NOT_AN_IMAGE = "image is not a readable PNG, JPEG, TIFF or DICOM file"
+_NOT_A_MASK = "mask is not a readable PNG, JPEG or TIFF file"
 # COCO's compressed RLE string: 5 bits a character, characters 'P'..'o' carry the "more" bit. 13 of
 # them in a row make a number over 2^64, more than any image's run, and decoding one that long
 # costs quadratic time (each character shifts a growing integer): refused before decoding.
@@ -112,6 +118,40 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if rgb.shape[0] * rgb.shape[1] > max_pixels:
         raise PayloadTooLarge(f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels is over the limit of {max_pixels}")
     return rgb
+
+
+def decode_mask(data: bytes, max_pixels: int) -> np.ndarray:
+    """Mask image file bytes (PNG, JPEG or TIFF) -> (H, W) bool: non-zero in any channel, > 127 for a
+    JPEG (its compression blurs 0/255 edges)."""
+    try:
+        w, h = _header_size(data, dicom=False)
+    except InputError as exc:
+        raise InputError(str(exc).replace(_NOT_AN_IMAGE, _NOT_A_MASK).replace(" images are not", " masks are not")) from None
+    if w * h > max_pixels:
+        raise PayloadTooLarge(f"mask of {w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            jpeg = im.format in ("JPEG", "MPO")
+            arr = np.asarray(im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr") else im)
+    except Exception:  # noqa: BLE001 - Pillow raises many types on corrupt files
+        raise InputError(_NOT_A_MASK) from None
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2) if arr.shape[2] != 2 else arr[..., 0]  # an alpha channel is not the mask
+    return arr > (127 if jpeg else 0)
+
+
+def examples_of(pairs: Sequence["ExamplePair"], max_pixels: int) -> list[Example]:
+    """Request examples -> checked Examples; errors name the example ("examples[1]: the mask is empty ...")."""
+    out = []
+    for i, pair in enumerate(pairs):
+        where = f"examples[{i}]"
+        try:
+            image = decode_image(decode_data_url(pair.image), max_pixels)
+            mask = decode_mask(decode_data_url(pair.mask), max_pixels)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        out.append(check_example(image, mask, where=where))
+    return out
 
 
 def region_arrays(regions: Sequence[Region], hw: tuple[int, int]) -> list[np.ndarray | None]:

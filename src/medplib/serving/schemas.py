@@ -1,7 +1,8 @@
 """Request and response shapes. Requests follow OpenAI's chat API (unknown OpenAI fields are
 accepted and ignored) plus one extension object, `medplib`; responses add `medplib` with masks.
 
-Request extension:  "medplib": {"regions": [{"kind": "point", "point": [x, y]}, ...], "return_png": true}
+Request extension:  "medplib": {"regions": [{"kind": "point", "point": [x, y]}, ...], "return_png": true,
+                                "examples": [{"image": "data:image/png;base64,...", "mask": "data:image/png;base64,..."}]}
 Response extension: "medplib": {"masks": [{"rle": {"size": [h, w], "counts": "..."}, "png_base64": "...",
                                            "box": [x1, y1, x2, y2], "score": 0.9}],
                                 "text_boxes": [[x1, y1, x2, y2]], "timings": {...}}
@@ -46,9 +47,17 @@ class Message(_Lenient):
     content: Union[str, list[ContentPart], None] = None
 
 
+class ExamplePair(_Strict):
+    """An in-context example: an image and its mask, each a data URL (or bare base64) of an image file."""
+
+    image: str  # PNG/JPEG/TIFF/DICOM, as a request's image
+    mask: str  # PNG/JPEG/TIFF of the image's size; non-zero pixels (JPEG: > 127) mark the structure
+
+
 class MedplibOptions(_Strict):
     regions: list[Region] = Field(default_factory=list)  # original pixels; a mask only as a COCO RLE
     return_png: bool = True  # masks as PNG base64 beside the RLE
+    examples: list[ExamplePair] = Field(default_factory=list)  # shown before the image, in order
 
 
 class StreamOptions(_Lenient):
@@ -75,6 +84,7 @@ class SegmentRequest(_Strict):
     regions: list[Region] = Field(default_factory=list)
     max_tokens: int | None = Field(default=None, ge=1)
     return_png: bool = True
+    examples: list[ExamplePair] = Field(default_factory=list)  # in-context examples, shown before the image
 
 
 class PreviewRequest(_Strict):
