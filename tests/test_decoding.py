@@ -7,11 +7,14 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from medplib.api import MedPLIB
 from medplib.data.schema import BoxRegion, PointRegion, Turn
 from medplib.inference import Predictor, Query
 from medplib.model.decoding import SLOT_BUCKET, steps_of
+from medplib.model.moe import moe_layers
+from medplib.model.quantize import Int8WeightOnlyLinear, quantize_llm_weight_only
 
 
 def _images() -> list[np.ndarray]:
@@ -80,10 +83,17 @@ def test_streaming_callbacks_get_each_rows_own_text() -> None:
     assert ["".join(got) for got in pieces] == [o.text for o in out]
 
 
-def test_compiled_and_static_steps_give_eager_greedy_tokens_and_compile_once_per_bucket() -> None:
+@pytest.mark.parametrize("experts", [0, 2])
+def test_compiled_and_static_steps_give_eager_greedy_tokens_and_compile_once_per_bucket(experts: int) -> None:
+    """MoE included: its compiled step routes through torch.cond, so it is one graph with no break."""
     from torch._dynamo.utils import counters
 
-    m = MedPLIB.from_preset("tiny", seed=0)
+    counters.clear()
+    m = MedPLIB.from_preset("tiny", seed=0, **{"moe.num_experts": experts})
+    if experts:
+        with torch.no_grad():
+            for moe in moe_layers(m.model.llm):
+                moe.router.weight.normal_(std=0.5)  # both experts in use
     m.model.ids = dataclasses.replace(m.model.ids, eos=-1)
     p = Predictor(m)
     img = _images()[0]
@@ -106,3 +116,25 @@ def test_compiled_and_static_steps_give_eager_greedy_tokens_and_compile_once_per
     assert answers["compiled"] == answers["eager"]
     assert len(answers["eager"][0]) == 24
     assert steps_of(m.model).buckets == {(1, SLOT_BUCKET)}
+    assert not counters["graph_break"]
+
+
+def test_compiled_step_on_weight_only_int8_gives_the_int8_models_eager_tokens() -> None:
+    """Weight-only int8 (the int8 compiled benchmark rows): the compiled step decodes the same greedy
+    tokens as the same int8 model decoded eagerly, and close to what fp32 decodes."""
+    m = MedPLIB.from_preset("tiny", seed=0)
+    m.model.ids = dataclasses.replace(m.model.ids, eos=-1)
+    p = Predictor(m)
+    p.set_image(_images()[0])
+    embedding = m.model.llm.get_input_embeddings().weight.detach().clone()
+    fp32 = p.ask("Describe the image.", max_new_tokens=16).token_ids
+    quantize_llm_weight_only(m.model)
+    assert all(isinstance(lin, Int8WeightOnlyLinear) for lin in (m.model.llm.get_output_embeddings(),
+                                                                 m.model.llm.get_decoder().layers[0].self_attn.q_proj))
+    assert torch.equal(m.model.llm.get_input_embeddings().weight, embedding)  # the input embedding stays fp32
+    answers = {}
+    for mode in ("eager", "compiled"):
+        m.model.decode_mode = mode
+        answers[mode] = p.ask("Describe the image.", max_new_tokens=16).token_ids
+    assert answers["compiled"] == answers["eager"]
+    assert sum(a == b for a, b in zip(answers["eager"], fp32)) >= 8  # int8 rounding moves few choices

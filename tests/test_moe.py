@@ -426,3 +426,26 @@ def test_sync_free_routing_keeps_greedy_decoding_and_training_unchanged(
                         [m.aux_loss.item() for m in moe_layers(llm)]))
     assert results[0] == results[1]
     assert sum(results[0][1]) > 0  # capacity 0.6 dropped tokens in training, the same ones both times
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_compiled_decoding_step_is_one_graph_and_equals_the_host_routed_step(n: int) -> None:
+    """Under torch.compile the top-1 step routes through torch.cond (a tree of them for more than two
+    experts): one graph with no break, the host-routed step's output for tokens sent to each expert,
+    and no statistics written from inside the graph."""
+    torch.manual_seed(9)
+    experts = [nn.Linear(6, 6) for _ in range(n)]
+    moe = MoEMLP(experts, 6, MoEConfig(num_experts=n, top_k=1)).eval()
+    with torch.no_grad():
+        moe.router.weight.normal_()
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    chosen = set()
+    with torch.no_grad():
+        for x in torch.randn(32, 1, 1, 6):
+            host = moe(x)
+            counts = moe.last_counts.clone()
+            moe.last_counts = torch.full((n,), -1)
+            torch.testing.assert_close(compiled(x), host, rtol=0, atol=0)
+            assert moe.last_counts.tolist() == [-1] * n  # left as it was
+            chosen.add(int(counts.argmax()))
+    assert chosen == set(range(n))  # every expert was chosen by some token

@@ -24,7 +24,8 @@ Decoding step modes (`MedPLIBModel.decode_mode`):
   key/value goes into its slot in place and attention reads all L slots under a mask, so the step
   has the same shapes at every token;
 - "compiled": the static step under `torch.compile`. Shapes are fixed within a bucket (B, L), so
-  the compile cost is paid once per bucket and later answers reuse it.
+  the compile cost is paid once per bucket and later answers reuse it. A top-1 MoE layer routes
+  through `torch.cond` there (moe.py), so the step is one graph reading one expert per layer.
 Greedy tokens are the same in all three modes (tests/test_decoding.py); logits differ by float
 round-off (a different summation order), so a near-tie could in principle flip a greedy choice.
 
@@ -37,7 +38,7 @@ cache to attention.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -72,14 +73,6 @@ class DecodeRequest:
     temperature: float = 0.0
     generator: torch.Generator | None = None
     on_token: Callable[[int], None] | None = None
-    # in-context example images before the query: their vision features (1, N, Dv) each, in prompt order
-    examples: list[torch.Tensor] = field(default_factory=list)
-
-
-def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    """The same tensor objects in the same order (a prefix cache holds for the very example features
-    it was computed with; every example token shares the `<image>` id)."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def prefix_length(input_ids: torch.Tensor, image_id: int) -> int:
@@ -159,10 +152,10 @@ class StaticStep(nn.Module):
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
             v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
-            kk, vv = k_cache, v_cache
-            if self.groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-                kk, vv = kk.repeat_interleave(self.groups, dim=1), vv.repeat_interleave(self.groups, dim=1)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible, scale=attn.scaling)  # (B, heads, 1, d)
+            # Grouped-query attention reads each key/value head for its `groups` query heads in place
+            # (enable_gqa), instead of copying the whole cache `groups` times per layer per token.
+            o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, scale=attn.scaling,
+                                               enable_gqa=self.groups > 1)  # (B, heads, 1, d)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.decoder.norm(h)[:, -1]
@@ -228,7 +221,7 @@ def generate_batch(model: "MedPLIBModel", requests: Sequence[DecodeRequest], mod
                 budget = min(budget, limit - r.input_ids.numel())
                 if budget <= 0:
                     raise InputError(f"the prompt ({r.input_ids.numel()} tokens) fills the model's context of {limit}")
-            emb = model.embed(r.input_ids[None], r.features.vision, [r.region_masks], [r.examples])  # (1, T, H)
+            emb = model.embed(r.input_ids[None], r.features.vision, [r.region_masks])  # (1, T, H)
         except Exception as exc:  # noqa: BLE001 - this request's own failure
             results[i] = exc
             continue
@@ -250,11 +243,9 @@ def generate_batch(model: "MedPLIBModel", requests: Sequence[DecodeRequest], mod
     if P:
         for r, emb in zip(reqs, embeds):
             f = r.features
-            if (f.prefix_ids is None or not torch.equal(f.prefix_ids, r.input_ids[:P])
-                    or not _same_tensors(f.prefix_examples, r.examples)):
+            if f.prefix_ids is None or not torch.equal(f.prefix_ids, r.input_ids[:P]):
                 f.prefix_cache = run_decoder(decoder, emb[:, :P])[1]
                 f.prefix_ids = r.input_ids[:P].clone()
-                f.prefix_examples = tuple(r.examples)
         cache = _stack_prefix([r.features.prefix_cache for r in reqs], n_layers)
     else:
         cache = DynamicCache()

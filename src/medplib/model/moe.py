@@ -204,24 +204,30 @@ class MoEMLP(nn.Module):
     def _decode_step(self, x: Tensor, probs: Tensor) -> Tensor:
         """One decoding token (eval, top-1): x (1, 1, H), probs (1, E) -> (1, 1, H).
 
-        Decoding one token at a time is bound by per-operation overhead, not arithmetic, so this path
-        does only what the answer needs: read the chosen expert (one device sync), run it alone, and
+        Decoding one token at a time is bound by per-operation overhead and weight reads, not
+        arithmetic, so this path does only what the answer needs: run the chosen expert alone and
         scale by the gate (the probability for gate="prob", 1.0 for the straight-through gate). No
-        capacity (never drops at T == 1), no auxiliary loss, no statistics beyond `last_counts`.
-        With `sync_free`, every expert runs and the chosen output is selected on the device."""
+        capacity (never drops at T == 1), no auxiliary loss. The choice is read on the host in eager
+        mode; under torch.compile it goes through `torch.cond`, so the step stays one graph that
+        still reads one expert's weights. With `sync_free`, every expert runs and the chosen output
+        is selected on the device (no host read at all, for graph capture on a GPU).
+        An eager step records `last_counts`; a compiled step records nothing (a module attribute
+        written inside the graph is replayed in Python after every step), so the statistics stay
+        those of the last eager forward."""
         p, choice = probs.max(dim=-1)  # (1,), (1,)
+        compiling = torch.compiler.is_compiling()
         if self.sync_free:
             outs = torch.stack([expert(x) for expert in self.experts])  # (E, 1, 1, H)
             y = outs.index_select(0, choice).squeeze(0)  # the same values the chosen expert alone gives
-            counts = (choice == torch.arange(self.num_experts, device=choice.device)).long()  # (E,)
+        elif compiling:
+            y = _run_chosen(list(self.experts), choice[0], x)
         else:
-            e = int(choice)
-            y = self.experts[e](x)
-            counts = torch.zeros(self.num_experts, dtype=torch.long)
-            counts[e] = 1
+            y = self.experts[int(choice)](x)
         if self.cfg.gate == "prob":
             y = (y * p).to(y.dtype)  # fp32 gate, as in the general path, so cached and uncached decoding agree
-        self.last_counts, self._dropped, self.aux_loss = counts, torch.zeros((), dtype=torch.long), torch.zeros(())
+        if not compiling:
+            self.last_counts = (choice == torch.arange(self.num_experts, device=choice.device)).long()  # (E,)
+            self._dropped, self.aux_loss = torch.zeros((), dtype=torch.long), torch.zeros(())
         return y
 
     def _per_token(self, value: Tensor | None, B: int, T: int, device: torch.device, name: str) -> Tensor | None:
@@ -283,6 +289,17 @@ class MoEMLP(nn.Module):
         acc[: self.group_counts.shape[0]] += self.group_counts.to(per_token.device)
         acc.index_add_(0, groups, per_token.long())
         self.group_counts = acc
+
+
+def _run_chosen(experts: list[nn.Module], choice: Tensor, x: Tensor) -> Tensor:
+    """experts[choice](x) as a graph: a binary tree of `torch.cond` over the experts, so a compiled
+    step runs (and reads the weights of) the chosen expert only. choice: () long, x: (1, 1, H)."""
+    if len(experts) == 1:
+        return experts[0](x)
+    mid = len(experts) // 2
+    low, high = experts[:mid], experts[mid:]
+    return torch.cond(choice < mid, lambda c, h: _run_chosen(low, c, h),
+                      lambda c, h: _run_chosen(high, c - mid, h), (choice, x))
 
 
 def moe_from_dense(dense_mlps: list[nn.Module], hidden_size: int, cfg: MoEConfig) -> MoEMLP:

@@ -10,6 +10,13 @@ it can flip which expert a token goes to.
                 activations quantised per batch; fp32 in, fp32 out.
     CUDA  int8  bitsandbytes `Linear8bitLt` (LLM.int8(), outlier threshold 6.0), bf16 compute.
     CUDA  nf4   bitsandbytes `Linear4bit` with NF4 weights and bf16 compute.
+
+For the compiled decoding step there is also weight-only int8 (`quantize_llm_weight_only`, gpt-fast's
+recipe): int8 weights with one fp32 scale per output row, activations kept in fp32. A batch-1 decoding
+step on the CPU is bound by reading the weights, and under torch.compile the int8-to-fp32 conversion
+fuses into the one-row matrix-vector product, so each weight is read as one byte instead of four.
+Run eagerly, the same layer converts its whole weight to fp32 on every call; it is meant for the
+compiled step, while `int8` (dynamic quantisation) is the eager int8 path.
 """
 
 from __future__ import annotations
@@ -102,6 +109,45 @@ def _replace_with_bnb(llm: nn.Module, linears: dict[str, nn.Linear], mode: str) 
             new.bias = nn.Parameter(lin.bias.data, requires_grad=False)
         owner, _, leaf = name.rpartition(".")
         setattr(llm.get_submodule(owner) if owner else llm, leaf, new)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A Linear layer with int8 weights (out, in), symmetric, one fp32 scale per output row.
+
+    forward(x (..., in) fp32) -> (..., out) fp32. A single row (a batch-1 decoding step) is computed
+    as an explicit multiply-and-sum, which torch.compile turns into one fused kernel reading the int8
+    weight once (it leaves a matmul as a library call on an fp32 copy of the weight); more rows (a
+    prefill) go through one matmul on the converted weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0  # (out,)
+        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            y = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(dim=-1)  # (..., 1, in) * (out, in) -> (..., out)
+        else:
+            y = torch.nn.functional.linear(x, self.weight.to(x.dtype))
+        y = y * self.scales
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_llm_weight_only(model: nn.Module) -> None:
+    """Replace every Linear of `model.llm` (routers left out; the output head too, untied from the
+    input embedding, which stays fp32) with an Int8WeightOnlyLinear, in place. fp32 on the CPU."""
+    linears = _llm_linears(model.llm)
+    if not linears:
+        raise InputError("the LLM has no Linear layers to quantise")
+    for name, lin in linears.items():
+        if lin.weight.device.type != "cpu" or lin.weight.dtype != torch.float32:
+            raise ConfigError(f"weight-only int8 takes fp32 CPU weights; {name} is {lin.weight.dtype} on {lin.weight.device}")
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.llm.get_submodule(owner) if owner else model.llm, leaf, Int8WeightOnlyLinear(lin))
 
 
 def full_precision_parts(model: nn.Module) -> dict[str, nn.Module]:
