@@ -38,7 +38,7 @@ cache to attention.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -73,6 +73,14 @@ class DecodeRequest:
     temperature: float = 0.0
     generator: torch.Generator | None = None
     on_token: Callable[[int], None] | None = None
+    # in-context example images before the query: their vision features (1, N, Dv) each, in prompt order
+    examples: list[torch.Tensor] = field(default_factory=list)
+
+
+def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    """The same tensor objects in the same order (a prefix cache holds for the very example features
+    it was computed with; every example token shares the `<image>` id)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def prefix_length(input_ids: torch.Tensor, image_id: int) -> int:
@@ -221,7 +229,7 @@ def generate_batch(model: "MedPLIBModel", requests: Sequence[DecodeRequest], mod
                 budget = min(budget, limit - r.input_ids.numel())
                 if budget <= 0:
                     raise InputError(f"the prompt ({r.input_ids.numel()} tokens) fills the model's context of {limit}")
-            emb = model.embed(r.input_ids[None], r.features.vision, [r.region_masks])  # (1, T, H)
+            emb = model.embed(r.input_ids[None], r.features.vision, [r.region_masks], [r.examples])  # (1, T, H)
         except Exception as exc:  # noqa: BLE001 - this request's own failure
             results[i] = exc
             continue
@@ -243,9 +251,11 @@ def generate_batch(model: "MedPLIBModel", requests: Sequence[DecodeRequest], mod
     if P:
         for r, emb in zip(reqs, embeds):
             f = r.features
-            if f.prefix_ids is None or not torch.equal(f.prefix_ids, r.input_ids[:P]):
+            if (f.prefix_ids is None or not torch.equal(f.prefix_ids, r.input_ids[:P])
+                    or not _same_tensors(f.prefix_examples, r.examples)):
                 f.prefix_cache = run_decoder(decoder, emb[:, :P])[1]
                 f.prefix_ids = r.input_ids[:P].clone()
+                f.prefix_examples = tuple(r.examples)
         cache = _stack_prefix([r.features.prefix_cache for r in reqs], n_layers)
     else:
         cache = DynamicCache()
