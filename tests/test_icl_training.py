@@ -116,3 +116,21 @@ def test_stage5_recipe_parses_and_sets_the_icl_prompt(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="example_token_grid"):
         build_model(load_recipe(default_recipes_dir() / "stage5_icl.yaml",
                                 [f"model.path={folder}", "icl.example_token_grid=99", "lora.r=0"]))
+
+
+def test_evaluation_asks_icl_samples_with_their_examples(lungs) -> None:
+    """`medplib eval` on a data folder with icl samples scores them as grounding, examples in the prompt."""
+    from medplib.evaluation.runner import predict
+
+    root, items = lungs
+    sample = _episodes(root, items)[0]
+    m = MedPLIB.from_preset("tiny", seed=0)
+    seen: list[int] = []
+
+    class Spy:
+        def generate(self, image, question, **kw):
+            seen.append(len(kw["examples"]))
+            return m.generate(image, question, max_new_tokens=3, **kw)
+
+    rec = predict(Spy(), sample, root)
+    assert seen == [len(sample.examples)] and rec["task"] == "grounding"

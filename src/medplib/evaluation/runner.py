@@ -198,7 +198,7 @@ def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
     question, reference = sample.conversations[0].content, sample.conversations[1].content
     n_regions = question.count(REGION_TOKEN)
     answer = model.generate(loaded.image, question, regions=loaded.regions[:n_regions],
-                            region_arrays=loaded.region_masks[:n_regions])
+                            region_arrays=loaded.region_masks[:n_regions], examples=loaded.examples)  # icl samples' examples
     task = exchange_task(sample)
     hw = (int(loaded.image.shape[0]), int(loaded.image.shape[1]))
     rec: dict[str, Any] = {
