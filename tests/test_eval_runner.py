@@ -129,7 +129,7 @@ def test_bad_samples_are_reported_and_counted_not_fatal(kvasir_model, shared_dat
 class _NoSeg:
     """A model that answers without [SEG]."""
 
-    def generate(self, image, question, regions=(), region_arrays=None) -> Answer:
+    def generate(self, image, question, regions=(), region_arrays=None, examples=()) -> Answer:
         return Answer(text="I cannot find it.")
 
 
