@@ -102,3 +102,20 @@ def test_ask_rejects_malformed_regions(runner_app: typer.Typer, kvasir_model: Pa
     image = shared_data / "kvasir_seg" / "images" / f"{image_id}.jpg"
     res = CliRunner().invoke(runner_app, ["ask", str(image), "What?", "--model", str(kvasir_model), *args])
     assert isinstance(res.exception, InputError) and words in str(res.exception)
+
+
+def test_unwritable_outputs_fail_before_the_model_runs(runner_app: typer.Typer, shared_data: Path, tmp_path: Path) -> None:
+    import nibabel.testing
+
+    image_id = kvasir_images(shared_data, 1)[0][0]
+    image = shared_data / "kvasir_seg" / "images" / f"{image_id}.jpg"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    nii = Path(nibabel.testing.data_path) / "standard.nii.gz"
+    for args in (["--mask-out", str(blocker / "m.png")], ["--overlay-out", str(tmp_path)],
+                 ["--mask-out", str(blocker / "wm.nii.gz")]):
+        src = nii if args[1].endswith(".nii.gz") else image
+        res = CliRunner().invoke(runner_app, ["ask", str(src), "Please segment the polyp.", "--model", "/no/such/model",
+                                              *args])
+        # the model path is never read: the output is refused first, naming its option
+        assert isinstance(res.exception, InputError) and args[0] in str(res.exception), res.output

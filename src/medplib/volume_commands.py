@@ -66,7 +66,6 @@ def ask_volume_command(image: Path, question: str, *, model: Path, point: Sequen
         else:
             typer.echo(f"the mask is empty: no DICOM SEG written to {dicom_seg_out}", err=True)
     if overlay_out is not None:
-        overlay_out.parent.mkdir(parents=True, exist_ok=True)
         k = pred.reference
         Image.fromarray(overlay(vs.image(k), [vs.view(pred.mask, k)])).save(overlay_out)
         written["overlay_file"] = str(overlay_out)

@@ -105,10 +105,12 @@ def ask(
     from medplib.data.masks import read_mask_image, rle_encode, write_mask_png
     from medplib.data.schema import BoxRegion, MaskRegion, PointRegion
     from medplib.inference import Prediction, Predictor
+    from medplib.outputs import prepare_outputs
     from medplib.visualize import overlay
 
     from medplib.volume_commands import ask_volume_command, is_volume_request
 
+    prepare_outputs({"--mask-out": mask_out, "--overlay-out": overlay_out, "--dicom-seg-out": dicom_seg_out})
     if is_volume_request(image, mask_out, dicom_seg_out, volume):
         if example or retrieve is not None:
             raise InputError("in-context examples (--example, --retrieve) are for 2-D images, not volumes")
@@ -153,7 +155,6 @@ def ask(
         else:
             typer.echo(f"the answer has no [SEG]: no mask written to {mask_out}", err=True)
     if overlay_out is not None:
-        overlay_out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(overlay(data.rgb, pred.masks, regions=predictor.region_masks(regions, arrays))).save(overlay_out)
 
     if as_json:
