@@ -67,3 +67,16 @@ def kvasir_model(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     ]
     fit(m, items, steps=160, batch_size=4, lr=1e-3, seed=0)
     return m.save_pretrained(tmp_path_factory.mktemp("kvasir") / "model")
+
+
+@pytest.fixture(scope="module")
+def runner_app() -> "typer.Typer":
+    """`medplib ask` as a typer app for CliRunner (a second command keeps the subcommand name)."""
+    import typer
+
+    from medplib.serving.commands import ask
+
+    app = typer.Typer()
+    app.command()(ask)
+    app.command("noop")(lambda: None)
+    return app

@@ -27,14 +27,6 @@ def _dice(p: np.ndarray, g: np.ndarray) -> float:
     return float(2 * (p & g).sum() / max(1, p.sum() + g.sum()))
 
 
-@pytest.fixture(scope="module")
-def runner_app() -> typer.Typer:
-    app = typer.Typer()
-    app.command()(ask)
-    app.command("noop")(lambda: None)  # two commands, so typer keeps the subcommand name
-    return app
-
-
 def test_ask_on_kvasir_prints_answer_and_writes_mask_and_overlay(kvasir_model: Path, shared_data: Path, tmp_path: Path) -> None:
     image_id, rgb, gt = kvasir_images(shared_data, 1)[0]
     image = shared_data / "kvasir_seg" / "images" / f"{image_id}.jpg"

@@ -53,21 +53,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return MedPLIB.from_preset("tiny", seed=0).save_pretrained(tmp_path_factory.mktemp("tiny") / "model")
 
 
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    app = typer.Typer()
-    app.command()(ask)
-    app.command("noop")(lambda: None)  # two commands, so typer keeps the subcommand name
-    return app
-
-
 def _ask(app: typer.Typer, *args: str):
     return CliRunner().invoke(app, ["ask", *map(str, args)])
 
 
-def test_cli_examples_answer_as_the_predictor_does(app, files, model_dir: Path) -> None:
+def test_cli_examples_answer_as_the_predictor_does(runner_app, files, model_dir: Path) -> None:
     (q, _, rgb, _), ex = files[3], files[:2]
-    res = _ask(app, q, QUESTION, "--model", model_dir, "--json", "--max-new-tokens", "5",
+    res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--json", "--max-new-tokens", "5",
                *[a for ip, mp, *_ in ex for a in ("--example", f"{ip}:{mp}")])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
@@ -80,7 +72,7 @@ def test_cli_examples_answer_as_the_predictor_does(app, files, model_dir: Path) 
     assert want.prompt_tokens > none.prompt_tokens  # the examples are in the prompt
 
 
-def test_cli_malformed_examples_are_input_errors(app, files, model_dir: Path, tmp_path: Path) -> None:
+def test_cli_malformed_examples_are_input_errors(runner_app, files, model_dir: Path, tmp_path: Path) -> None:
     q, mask_path, rgb, mask = files[3]
     cropped, empty = tmp_path / "cropped.png", tmp_path / "empty.png"
     Image.fromarray(mask[:-7].astype(np.uint8) * 255).save(cropped)
@@ -89,11 +81,11 @@ def test_cli_malformed_examples_are_input_errors(app, files, model_dir: Path, tm
              (f"{tmp_path / 'gone.png'}:{mask_path}", "not found"), (f"{files[0][0]}:{tmp_path / 'gone.png'}", "not found"),
              (str(files[0][0]), "IMAGE:MASK")]
     for spec, words in cases:
-        res = _ask(app, q, QUESTION, "--model", model_dir, "--example", spec)
+        res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--example", spec)
         assert isinstance(res.exception, InputError) and words in str(res.exception), (spec, res.output, res.exception)
 
 
-def test_cli_retrieve_uses_the_index_and_never_the_query(app, files, model_dir: Path, tmp_path: Path) -> None:
+def test_cli_retrieve_uses_the_index_and_never_the_query(runner_app, files, model_dir: Path, tmp_path: Path) -> None:
     from medplib.retrieval.embed import ImageEmbedder, image_hash
     from medplib.retrieval.index import ExampleIndex, IndexEntry, retrieve_examples
 
@@ -107,14 +99,14 @@ def test_cli_retrieve_uses_the_index_and_never_the_query(app, files, model_dir: 
     q, _, rgb, _ = files[0]  # indexed itself: it must not be its own example
     got = retrieve_examples(ExampleIndex.load(tmp_path / "idx"), emb, rgb, k=3)
     assert len(got) == 3 and not any(np.array_equal(e.image, rgb) for e in got)
-    res = _ask(app, q, QUESTION, "--model", model_dir, "--json", "--max-new-tokens", "4", "--retrieve", tmp_path / "idx",
+    res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--json", "--max-new-tokens", "4", "--retrieve", tmp_path / "idx",
                "--k", "2")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     p = Predictor(m)
     p.set_image(rgb)
     assert out["examples"] == 2 and out["text"] == p.ask(QUESTION, examples=got[:2], max_new_tokens=4).text
-    res = _ask(app, q, QUESTION, "--model", model_dir, "--retrieve", tmp_path / "idx", "--retrieve-label", "liver")
+    res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--retrieve", tmp_path / "idx", "--retrieve-label", "liver")
     assert isinstance(res.exception, InputError) and "no example labelled 'liver'" in str(res.exception)
 
 
