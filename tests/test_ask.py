@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.data.masks import rle_decode
 from medplib.errors import InputError
-from medplib.serving.commands import ask
 
 MEDPLIB = [sys.executable, "-c", "from medplib.cli import main; main()"]
 

@@ -21,7 +21,6 @@ from conftest import kvasir_images
 from medplib.api import MedPLIB
 from medplib.errors import InputError
 from medplib.inference import Predictor
-from medplib.serving.commands import ask
 
 QUESTION = "Segment the same structure in this image."
 SIDE = 160  # the real images shrunk (the tiny preset reads 112 px; the CPU is shared)
