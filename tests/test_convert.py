@@ -199,10 +199,9 @@ def test_llm_equals_llama_for_causal_lm_with_the_router_forced(fixture: dict) ->
     mixed.load_state_dict({k: (ref["b"] if ".mlp." in k else ref["a"]).state_dict()[k] for k in ref["a"].state_dict()})
     with torch.no_grad():
         for expert, dense in ((0, ref["a"]), (1, mixed)):
-            force_expert(m.model.llm, expert)
-            ours = m.model.llm(input_ids=ids).logits[..., :vocab]
+            with force_expert(m.model.llm, expert):
+                ours = m.model.llm(input_ids=ids).logits[..., :vocab]
             torch.testing.assert_close(ours, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-        force_expert(m.model.llm, None)
     for i, layer in enumerate(moe_layers(m.model.llm)):
         assert torch.equal(layer.router.weight, fixture["sd"][f"model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight"])
 

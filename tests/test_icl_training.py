@@ -17,7 +17,7 @@ from medplib.data.loading import load_sample
 from medplib.data.schema import read_jsonl, write_jsonl
 from medplib.errors import ConfigError
 from medplib.training.pipeline import default_recipes_dir
-from medplib.training.recipe import RecipeError, load_recipe
+from medplib.training.recipe import LossSection, RecipeError, load_recipe
 
 CXR = "covid_cxr_lungs"
 
@@ -89,8 +89,9 @@ def test_episodes_round_trip_load_and_train(lungs, tmp_path: Path) -> None:
         assert n_img == [64 + 25 * per * len(s.examples) for s in samples]
         batch = m.collate(enc)
         out = m.model(**batch)
-        assert torch.isfinite(out.loss) and out.parts["dice"] > 0  # the [SEG] answer grounds the query
-        out.loss.backward()
+        loss = LossSection().combine(out.parts)
+        assert torch.isfinite(loss) and out.parts["dice"] > 0  # the [SEG] answer grounds the query
+        loss.backward()
         # The example images reach the loss through the vision tower (their only way in).
         assert m.model.vision.model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
         m.model.zero_grad()

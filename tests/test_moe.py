@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from medplib.config import MoEConfig
 from medplib.errors import ConfigError
-from medplib.model.moe import MoEMLP, force_expert, moe_from_dense, moe_layers, replace_mlps_with_moe, set_sync_free
+from medplib.model.moe import (MoEMLP, RoutingInputs, force_expert, moe_from_dense, moe_layers, replace_mlps_with_moe,
+                               routing, set_sync_free)
 
 
 class Scale(nn.Module):
@@ -91,16 +92,16 @@ def test_padding_neither_counted_nor_routed() -> None:
     moe = scale_moe(capacity_factor_train=1.0).train()
     route_all_to(moe, 0)
     x = torch.rand(1, 6, 4) + 0.1
-    moe.set_token_mask(torch.tensor([[0, 0, 1, 1, 1, 1]]))
-    y = moe(x)
+    with routing(moe, RoutingInputs(token_mask=torch.tensor([[0, 0, 1, 1, 1, 1]]))):
+        y = moe(x)
     assert moe.last_counts.tolist() == [4, 0]
     assert moe.last_dropped == 2
     assert torch.equal(y[0, :2], torch.zeros(2, 4))  # padding: not routed
     assert torch.all(y[0, 2:4] != 0)  # first two real tokens fill the capacity
     assert torch.equal(y[0, 4:], torch.zeros(2, 4))
-    moe.set_token_mask(torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="token mask"):
-        moe(x)
+    with routing(moe, RoutingInputs(token_mask=torch.ones(2, 3, dtype=torch.bool))):
+        with pytest.raises(ValueError, match="token mask"):
+            moe(x)
 
 
 def test_eval_single_token_steps_never_drop() -> None:
@@ -115,8 +116,8 @@ def test_eval_single_token_steps_never_drop() -> None:
     assert moe.last_dropped == 1
 
 
-def test_aux_loss_matches_switch_formula() -> None:
-    moe = scale_moe(hidden=2, aux_loss_coef=0.5).train()
+def test_balance_loss_matches_switch_formula() -> None:
+    moe = scale_moe(hidden=2).train()
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(2))
     rows = [[2.0, 0.0], [0.0, 1.0], [1.0, 0.5], [0.3, 0.9]]  # logits = x (identity router)
@@ -124,47 +125,43 @@ def test_aux_loss_matches_switch_formula() -> None:
     probs = [[math.exp(a) / (math.exp(a) + math.exp(b)), math.exp(b) / (math.exp(a) + math.exp(b))] for a, b in rows]
     f = [2 / 4, 2 / 4]  # argmax: 0, 1, 0, 1
     p = [sum(r[e] for r in probs) / 4 for e in range(2)]
-    expected = 0.5 * 2 * (f[0] * p[0] + f[1] * p[1])
-    assert moe.aux_loss.item() == pytest.approx(expected, rel=1e-6)
-
-    plain = scale_moe(hidden=2).train()
-    plain(torch.tensor([rows]))
-    assert plain.aux_loss.item() == 0.0
+    expected = 2 * (f[0] * p[0] + f[1] * p[1])  # unweighted: the recipe's loss.balance weights it
+    assert moe.losses["balance"].item() == pytest.approx(expected, rel=1e-6)
+    assert moe.losses["route"].item() == 0.0  # no route targets given
 
 
 def test_z_loss_formula() -> None:
-    moe = scale_moe(hidden=2, z_loss_coef=0.01).train()
+    moe = scale_moe(hidden=2).train()
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(2))
     rows = [[2.0, 0.0], [0.0, 1.0], [1.0, 0.5]]
     moe(torch.tensor([rows]))
-    expected = 0.01 * sum(math.log(math.exp(a) + math.exp(b)) ** 2 for a, b in rows) / 3
-    assert moe.aux_loss.item() == pytest.approx(expected, rel=1e-6)
+    expected = sum(math.log(math.exp(a) + math.exp(b)) ** 2 for a, b in rows) / 3
+    assert moe.losses["z"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_aux_losses_ignore_padding() -> None:
     torch.manual_seed(2)
-    moe = scale_moe(hidden=4, aux_loss_coef=1.0, z_loss_coef=0.1, capacity_factor_train=4.0).train()
+    moe = scale_moe(hidden=4, capacity_factor_train=4.0).train()
     x = torch.randn(1, 5, 4)
-    moe.set_token_mask(torch.tensor([[1, 1, 1, 0, 0]]))
-    moe(x)
-    masked = moe.aux_loss.clone()
-    moe.set_token_mask(None)
+    with routing(moe, RoutingInputs(token_mask=torch.tensor([[1, 1, 1, 0, 0]]))):
+        moe(x)
+    masked = dict(moe.losses)
     moe(x[:, :3])
-    torch.testing.assert_close(masked, moe.aux_loss)
+    for name in ("balance", "z"):
+        torch.testing.assert_close(masked[name], moe.losses[name])
 
 
 def test_gradient_reaches_router() -> None:
     torch.manual_seed(3)
     x = torch.randn(2, 4, 4)
     moe = scale_moe(capacity_factor_train=4.0).train()
-    moe(x).sum().backward()  # aux coef 0: gradient only through the gates
-    assert moe.aux_loss.item() == 0.0
+    moe(x).sum().backward()  # the routing losses left out: gradient only through the gates
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
-    moe = scale_moe(aux_loss_coef=0.1, capacity_factor_train=4.0).train()
+    moe = scale_moe(capacity_factor_train=4.0).train()
     moe(x)
-    moe.aux_loss.backward()  # the balance loss alone moves the router
+    moe.losses["balance"].backward()  # the balance loss alone moves the router
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
@@ -186,32 +183,32 @@ def test_straight_through_gate_keeps_expert_scale_and_trains_router() -> None:
 
 def test_route_targets_add_a_cross_entropy_that_trains_the_router() -> None:
     torch.manual_seed(6)
-    moe = scale_moe(hidden=8, capacity_factor_train=4.0, router_task_coef=0.5).train()
+    moe = scale_moe(hidden=8, capacity_factor_train=4.0).train()
     x = torch.randn(2, 6, 8)
     targets = torch.tensor([[-1, -1, 0, 0, 0, 0], [-1, 1, 1, 1, 1, 0]])
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 5] = False  # a padding token with a target: ignored
-    moe.set_token_mask(mask)
-    moe.set_route_targets(targets)
-    moe(x)
+    inputs = RoutingInputs(token_mask=mask, targets=targets)
+    with routing(moe, inputs):
+        moe(x)
     keep = (targets >= 0) & mask
     logits = x[keep] @ moe.router.weight.T
-    torch.testing.assert_close(moe.aux_loss, 0.5 * F.cross_entropy(logits, targets[keep]))
+    torch.testing.assert_close(moe.losses["route"], F.cross_entropy(logits, targets[keep]))
 
-    opt = torch.optim.SGD(moe.router.parameters(), lr=1.0)
+    opt = torch.optim.SGD(moe.router.parameters(), lr=0.5)
     for _ in range(100):
-        moe(x)
+        with routing(moe, inputs):
+            moe(x)
         opt.zero_grad()
-        moe.aux_loss.backward()
+        moe.losses["route"].backward()
         opt.step()
     assert torch.equal((x[keep] @ moe.router.weight.T).argmax(-1), targets[keep])  # each token goes to its target
 
-    moe.set_route_targets(None)  # inference: no targets, no route loss
-    moe(x)
-    assert moe.aux_loss.item() == 0.0
-    moe.set_route_targets(torch.full((2, 6), 2))
-    with pytest.raises(ValueError, match="out of range"):
-        moe(x)
+    moe(x)  # inference: no targets, no route loss
+    assert moe.losses["route"].item() == 0.0
+    with routing(moe, RoutingInputs(targets=torch.full((2, 6), 2))):
+        with pytest.raises(ValueError, match="out of range"):
+            moe(x)
 
 
 def test_group_statistics_count_non_padding_tokens() -> None:
@@ -222,15 +219,16 @@ def test_group_statistics_count_non_padding_tokens() -> None:
     x = torch.randn(3, 8, 4)
     mask = torch.rand(3, 8) > 0.3
     groups = torch.randint(0, 3, (3, 8))
-    moe.set_token_mask(mask)
-    moe.set_token_groups(groups)
-    moe(x)
+    inputs = RoutingInputs(token_mask=mask, groups=groups)
+    with routing(moe, inputs):
+        moe(x)
     n = int(mask.sum())
     assert moe.group_counts.shape == (3, 2)
     assert int(moe.group_counts.sum()) == n == int(moe.last_counts.sum())
     for g in range(3):
         assert int(moe.group_counts[g].sum()) == int((groups[mask] == g).sum())
-    moe(x)
+    with routing(moe, inputs):
+        moe(x)
     assert int(moe.group_counts.sum()) == 2 * n  # accumulates over forwards
     moe.reset_stats()
     assert moe.group_counts.numel() == 0
@@ -242,8 +240,8 @@ def test_top1_cost_equals_dense() -> None:
     moe = scale_moe(n=2, k=1, capacity_factor_eval=2.0).eval()
     with torch.no_grad():
         moe.router.weight.normal_()
-    moe.set_token_mask(torch.tensor([[1] * 8, [1] * 5 + [0] * 3]))
-    moe(torch.randn(2, 8, 4))
+    with routing(moe, RoutingInputs(token_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]))):
+        moe(torch.randn(2, 8, 4))
     calls = [e.calls for e in moe.experts]
     assert all(len(c) <= 1 for c in calls)
     assert sum(sum(c) for c in calls) == 13  # = non-padding tokens = dense MLP tokens
@@ -317,13 +315,12 @@ def test_upcycled_model_reproduces_each_dense_expert_exactly(dense_pair: tuple[n
     with torch.no_grad():
         for e, dense in enumerate((dense0, dense1)):
             copy_non_mlp(base, dense)
-            force_expert(base, e)
-            assert torch.equal(base(input_ids=ids).logits, dense(input_ids=ids).logits)
-            moe_tokens, moe_logits = greedy(base, prompt, 6)
-            dense_tokens, dense_logits = greedy(dense, prompt, 6)
+            with force_expert(base, e):
+                assert torch.equal(base(input_ids=ids).logits, dense(input_ids=ids).logits)
+                moe_tokens, moe_logits = greedy(base, prompt, 6)
+                dense_tokens, dense_logits = greedy(dense, prompt, 6)
             assert moe_tokens == dense_tokens
             assert all(torch.equal(a, b) for a, b in zip(moe_logits, dense_logits))
-        force_expert(base, None)
         assert not torch.equal(base(input_ids=ids).logits, dense1(input_ids=ids).logits)
 
 
@@ -423,7 +420,7 @@ def test_sync_free_routing_keeps_greedy_decoding_and_training_unchanged(
         torch.manual_seed(0)
         loss = llm(input_ids=ids, labels=ids).loss
         results.append((loss.item(), [m.last_dropped for m in moe_layers(llm)],
-                        [m.aux_loss.item() for m in moe_layers(llm)]))
+                        [m.losses["balance"].item() for m in moe_layers(llm)]))
     assert results[0] == results[1]
     assert sum(results[0][1]) > 0  # capacity 0.6 dropped tokens in training, the same ones both times
 

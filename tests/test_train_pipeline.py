@@ -4,6 +4,7 @@ level: with the router forced to expert e, the upcycled model reproduces dense m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from medplib.api import MedPLIB
+from medplib.config import MoEConfig
 from medplib.data.loading import load_sample
 from medplib.data.phantoms import write_phantom_dataset
 from medplib.data.schema import read_jsonl
@@ -115,11 +117,10 @@ def test_upcycled_model_with_forced_expert_reproduces_the_dense_model(
     moe = build_model(recipe)  # the stage IV code path: upcycling, LoRA on experts and attention
     assert moe.config.moe.num_experts == 2
     moe.model.eval()
-    force_expert(moe.model.llm, expert)
     ref = MedPLIB.from_pretrained(run / dense / "model")
     # Upcycling takes the [SEG] embedding rows from the grounding expert (stage III), whichever expert runs.
     stage3, seg = MedPLIB.from_pretrained(run / "stage3" / "model").model.llm, ref.model.ids.seg
-    with torch.no_grad():
+    with torch.no_grad(), force_expert(moe.model.llm, expert):
         for get in ("get_input_embeddings", "get_output_embeddings"):
             getattr(ref.model.llm, get)().weight[seg] = getattr(stage3, get)().weight[seg]
         for task in ("vqa", "region_vqa", "grounding"):
@@ -127,7 +128,6 @@ def test_upcycled_model_with_forced_expert_reproduces_the_dense_model(
             assert torch.equal(got.logits, want.logits), task
             if task == "grounding" and expert == 0:  # the pixel parts come from the grounding expert
                 assert torch.equal(got.mask_logits[0][0], want.mask_logits[0][0])
-    force_expert(moe.model.llm, None)
     with torch.no_grad():
         routed = moe.model(**_batch(moe, jsonl, "vqa")).logits
     assert not torch.equal(routed, want.logits)  # real routing mixes the experts
@@ -146,19 +146,22 @@ def test_route_targets_skip_the_prefix_and_padding(pipeline_run: tuple[Path, Pat
 
 
 def test_stage4_runner_supervises_routing_only_when_asked(pipeline_run: tuple[Path, Path], tmp_path: Path) -> None:
-    """The runner hands each batch's route targets to the MoE layers: with router_task_coef > 0 the
-    logged auxiliary loss is the routing cross-entropy (> 0), with 0 (published) it stays 0."""
+    """The runner hands each batch's route targets to the MoE layers: with loss.route > 0 the logged
+    route loss is the routing cross-entropy (> 0), with 0 (published) no targets are made and it stays 0;
+    the saved model's config holds no training setting."""
     jsonl, run = pipeline_run
     aux = {}
     for coef in (0.0, 1.0):
         recipe = load_recipe(default_recipes_dir() / "stage4_moe.yaml", [
             f"model.path={run / 'stage2' / 'model'}", f"upcycle.experts=[{run / 'stage3' / 'model'},{run / 'stage2' / 'model'}]",
-            f"data.dir={jsonl.parent}", f"output_dir={tmp_path / str(coef)}", f"upcycle.router_task_coef={coef}",
+            f"data.dir={jsonl.parent}", f"output_dir={tmp_path / str(coef)}", f"loss.route={coef}",
             "train.steps=2", "train.global_batch=4", "train.micro_batch=4", "train.mixed_precision=fp32",
             "checkpoint.every=0", "log.progress=false", "log.tensorboard=false"])
         result = train(recipe, log=lambda s: None)
-        assert result.model.config.moe.router_task_coef == coef
-        aux[coef] = [row["aux"] for row in result.history]
+        saved = json.loads((result.folder / "config.json").read_text(encoding="utf-8"))
+        assert "loss" not in saved and set(saved["moe"]) == {f.name for f in dataclasses.fields(MoEConfig)}
+        assert saved["moe"]["num_experts"] == 2
+        aux[coef] = [row["route"] for row in result.history]
     assert aux[0.0] == [0.0, 0.0]
     # 2 MoE layers, each about ln 2 at upcycling (near-uniform router)
     assert all(0.5 < a < 3.0 for a in aux[1.0]), aux[1.0]

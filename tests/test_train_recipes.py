@@ -11,7 +11,7 @@ import torch
 from medplib.api import MedPLIB
 from medplib.training.data import Stream, StreamSampler
 from medplib.training.pipeline import STAGES, default_recipes_dir
-from medplib.training.recipe import RecipeError, load_recipe
+from medplib.training.recipe import LossSection, RecipeError, load_recipe
 from medplib.training.trainable import add_lora, merge_lora, set_trainable
 
 RECIPES = default_recipes_dir()
@@ -30,9 +30,10 @@ def test_published_stage_values() -> None:
     s2, s3, s4 = r["stage2_vl_expert"], r["stage3_pg_expert"], r["stage4_moe"]
     assert (s2.lora.r, s2.lora.alpha, s2.optim.lr) == (16, 16, 1e-4)
     assert set(s2.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert (s3.lora.r, s3.lora.alpha, s3.optim.lr, s3.loss) == (8, 16, 3e-4, {"ce": 1.0, "dice": 5.0, "bce": 1.0, "focal": 1.0, "iou": 0.0})
+    assert (s3.lora.r, s3.lora.alpha, s3.optim.lr) == (8, 16, 3e-4)
+    assert s3.loss == LossSection(ce=1.0, dice=5.0, bce=1.0, focal=1.0, iou=0.0)
     assert set(s4.lora.targets) == {"gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"}
-    assert (s4.loss["ce"], s4.loss["dice"], s4.loss["bce"]) == (1.0, 0.5, 2.0)
+    assert s4.loss == LossSection(ce=1.0, dice=0.5, bce=2.0) and s4.loss.balance == 0.0  # published: no aux loss
     assert s4.upcycle.top_k == 1 and len(s4.upcycle.experts) == 2 and s4.upcycle.capacity_factor_train == 1.5
     assert all(x.train.global_batch == 128 and x.optim.betas == [0.9, 0.95] for x in r.values())
     pef = load_recipe(RECIPES / "pefomed_lora.yaml")
@@ -43,8 +44,9 @@ def test_published_stage_values() -> None:
 def test_overrides_and_their_errors() -> None:
     path = RECIPES / "stage2_vl_expert.yaml"
     r = load_recipe(path, ["train.steps=7", "lora.targets=[q_proj,v_proj]", "optim.lr=2e-4",
-                           "model.overrides.loss.dice=0", "model.preset=tiny", "model.path=null"])
-    assert (r.train.steps, r.lora.targets, r.optim.lr, r.model.overrides) == (7, ["q_proj", "v_proj"], 2e-4, {"loss.dice": 0})
+                           "model.overrides.moe.top_k=2", "model.preset=tiny", "model.path=null", "loss.dice=0"])
+    assert (r.train.steps, r.lora.targets, r.optim.lr, r.model.overrides) == (7, ["q_proj", "v_proj"], 2e-4, {"moe.top_k": 2})
+    assert r.loss.dice == 0.0
     with pytest.raises(RecipeError, match="unknown recipe key 'train.stepz'"):
         load_recipe(path, ["train.stepz=3"])
     with pytest.raises(RecipeError, match="unknown recipe key 'colour'"):
@@ -57,7 +59,7 @@ def test_overrides_and_their_errors() -> None:
         load_recipe(path, ["train.mixed_precision=fp8"])
     with pytest.raises(RecipeError, match="exactly one of"):
         load_recipe(path, ["model.preset=tiny"])
-    with pytest.raises(RecipeError, match="unknown weights"):
+    with pytest.raises(RecipeError, match="unknown recipe key 'loss.dise'"):
         load_recipe(path, ["loss.dise=1"])
     with pytest.raises(RecipeError, match="cannot read recipe"):
         load_recipe(RECIPES / "nope.yaml")

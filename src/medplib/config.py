@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medplib.coerce import build
 from medplib.errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -26,6 +27,10 @@ SAM_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
 # EfficientNet-Lite's ImageNet weights were trained on inputs scaled to [-1, 1] (the TF-Lite convention).
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
+
+# Training settings that older model folders' config.json carried; now they live in the recipe.
+LEGACY_TRAINING_KEYS = ("loss",)
+LEGACY_MOE_TRAINING_KEYS = ("aux_loss_coef", "z_loss_coef", "router_task_coef")
 
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -134,22 +139,17 @@ class RegionConfig:
 
 @dataclass
 class MoEConfig:
-    """0 experts = dense MLPs. The published stage-IV model: 2 experts, top-1."""
+    """0 experts = dense MLPs. The published stage-IV model: 2 experts, top-1. The routing losses'
+    weights are training settings: the recipe's `loss` section (training/recipe.py)."""
 
     num_experts: int = 0
     top_k: int = 1
     capacity_factor_train: float = 1.5
     capacity_factor_eval: float = 2.0
-    aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
     # Top-1 gate value: "prob" multiplies the expert output by its router probability (published);
     # "straight_through" uses 1.0 in the forward and the probability's gradient in the backward, so
     # upcycled experts keep the scale they were trained at (see model/moe.py).
-    gate: str = "prob"
-    # Not published: weight of a cross-entropy that pulls each token of a question and its answer to
-    # its task's expert (grounding -> expert 0, the pixel-grounding expert; other tasks -> expert 1).
-    # 0 = published (the router learns from the task losses alone). See model/moe.py.
-    router_task_coef: float = 0.0
+    gate: Literal["prob", "straight_through"] = "prob"
 
 
 @dataclass
@@ -165,17 +165,6 @@ class ICLConfig:
     encoding: Literal["overlay", "separate"] = "overlay"
     example_token_grid: int | None = None
     max_examples: int = 3  # more examples per prompt is an InputError (each costs example tokens)
-
-
-@dataclass
-class LossConfig:
-    """Published stage-IV weights by default (ce 1, dice 0.5, bce 2)."""
-
-    ce: float = 1.0
-    bce: float = 2.0
-    dice: float = 0.5
-    focal: float = 0.0
-    iou: float = 0.0
 
 
 @dataclass
@@ -198,7 +187,6 @@ class MedPLIBConfig:
     decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
     region: RegionConfig = field(default_factory=RegionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     icl: ICLConfig = field(default_factory=ICLConfig)
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
@@ -247,7 +235,9 @@ class MedPLIBConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MedPLIBConfig":
-        return _build(cls, d, "config")
+        """Checked against the field types (`medplib.coerce`); training settings that model folders
+        written by medplib before 0.2 carried (the last stage's loss weights) are dropped."""
+        return build(cls, _drop_legacy(d), "config")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -260,38 +250,13 @@ class MedPLIBConfig:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
 
 
-def _build(cls: type, d: dict[str, Any], where: str) -> Any:
-    """Rebuild nested dataclasses from plain dicts; unknown keys are an error, not silently dropped."""
+def _drop_legacy(d: Any) -> Any:
     if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in d.items():
-        ftype = fields[name].type
-        sub = _DATACLASS_FIELDS.get(name) if cls is MedPLIBConfig else None
-        if sub is not None:
-            kwargs[name] = _build(sub, value, f"{where}.{name}")
-        elif isinstance(value, list) and "tuple" in str(ftype):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-_DATACLASS_FIELDS: dict[str, type] = {
-    "vision": VisionConfig,
-    "llm": LLMConfig,
-    "pixel": PixelEncoderConfig,
-    "decoder": MaskDecoderConfig,
-    "region": RegionConfig,
-    "moe": MoEConfig,
-    "loss": LossConfig,
-    "tokenizer": TokenizerConfig,
-    "icl": ICLConfig,
-}
+        return d  # `build` names the error
+    out = {k: v for k, v in d.items() if k not in LEGACY_TRAINING_KEYS}
+    if isinstance(out.get("moe"), dict):
+        out["moe"] = {k: v for k, v in out["moe"].items() if k not in LEGACY_MOE_TRAINING_KEYS}
+    return out
 
 
 def _tiny() -> MedPLIBConfig:

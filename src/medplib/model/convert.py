@@ -353,8 +353,8 @@ def _config_from_published(pub: dict[str, Any], base: MedPLIBConfig) -> MedPLIBC
                                   f"use_residual={moe.get('use_residual')}")
         d["moe"].update(num_experts=int(counts[0]), top_k=int(moe.get("top_k_experts") or 1), gate="prob",
                         capacity_factor_train=float(moe.get("capacity_factor") or 1.5),
-                        capacity_factor_eval=float(moe.get("eval_capacity_factor") or 2.0),
-                        aux_loss_coef=float(moe.get("router_aux_loss_coef") or 0.0))
+                        capacity_factor_eval=float(moe.get("eval_capacity_factor") or 2.0))
+        # router_aux_loss_coef is a training setting: a recipe's loss.balance, not part of the model.
     else:
         d["moe"]["num_experts"] = 0
     cfg = MedPLIBConfig.from_dict(d)
@@ -384,7 +384,8 @@ def _published_config(cfg: MedPLIBConfig, vocab: int, dtype: torch.dtype) -> dic
         out["moe"] = {"num_experts": [cfg.moe.num_experts] * n_layers, "top_k_experts": cfg.moe.top_k,
                       "capacity_factor": cfg.moe.capacity_factor_train,
                       "eval_capacity_factor": cfg.moe.capacity_factor_eval, "use_residual": False,
-                      "router_aux_loss_coef": cfg.moe.aux_loss_coef, "moe_layers_idx": list(range(n_layers)),
+                      # 0.0 as in the published stage IV: a medplib model carries no training setting
+                      "router_aux_loss_coef": 0.0, "moe_layers_idx": list(range(n_layers)),
                       "min_capacity": 0, "ep_size": 1}
     out["medplib"] = cfg.to_dict()
     return out

@@ -48,6 +48,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from medplib.errors import InputError
+from medplib.model.moe import RoutingInputs, routing
 
 if TYPE_CHECKING:
     from medplib.model.medplib import GenerationOutput, ImageFeatures, MedPLIBModel
@@ -275,13 +276,10 @@ def generate_batch(model: "MedPLIBModel", requests: Sequence[DecodeRequest], mod
         # A row's positions count its real tokens only; padding slots get any position (they are masked).
         position = (P + (torch.arange(S, device=dev)[None] - torch.tensor(pads, device=dev)[:, None])).clamp(min=0)
         mask = _attention_mask(valid, P, suffix.dtype, additive)
-        model._set_moe_token_mask(valid[:, P:])
     else:
         position, mask = None, None  # every row is full: transformers' own causal path, as for one prompt
-    try:
+    with routing(model.llm, RoutingInputs(token_mask=valid[:, P:] if padded else None)):  # MoE: padding is no token
         hidden, cache = run_decoder(decoder, suffix, cache, attention_mask=mask, position_ids=position)
-    finally:
-        model._set_moe_token_mask(None)
     h = hidden[:, -1]  # (B, H): left padding puts every row's last prompt token here
     logits = head(h).float()
     next_pos = torch.tensor([P + S - pad for pad in pads], device=dev)[:, None]  # (B, 1)

@@ -2,7 +2,8 @@
 region tokens from the region encoder, and `[SEG]` hidden states -> projection -> SAM-style mask decoder.
 
 This module knows nothing about training recipes or data formats: `forward` takes a collated
-batch from `medplib.processing.Processor` and returns the losses; `generate` decodes one sample
+batch from `medplib.processing.Processor` and returns the unweighted loss parts (the recipe weights
+them, `medplib.training.recipe.LossSection`); `generate` decodes one sample
 (`generate_batch` several, padded; see `medplib.model.decoding`) with the KV cache and turns every
 emitted `[SEG]` into a mask at the original image size.
 """
@@ -25,6 +26,7 @@ from medplib.model.decoding import masks as decoding_masks
 from medplib.model.efficientnet import load_imagenet
 from medplib.model.losses import bce_loss, dice_loss, focal_loss, soft_iou
 from medplib.model.mask_decoder import MaskDecoder, postprocess_masks
+from medplib.model.moe import LOSS_NAMES, RoutingInputs, moe_layers, recompute_context, replace_mlps_with_moe, routing
 from medplib.model.pixel_cnn import CNNPixelEncoder
 from medplib.model.pixel_encoder import PixelEncoder
 from medplib.model.regions import RegionEncoder
@@ -66,9 +68,10 @@ class ImageFeatures:
 
 @dataclass
 class MedPLIBOutput:
-    loss: torch.Tensor
     logits: torch.Tensor  # (B, T, V) without labels; with labels (N, V) at the N positions that predict one
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # ce, bce, dice, focal, iou, aux
+    # Unweighted scalar losses: ce, bce, dice, focal, iou (means over the batch's masks) and the MoE
+    # routing losses balance, z, route (sums over the MoE layers; 0 for a dense model).
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
     mask_logits: list[list[torch.Tensor]] = field(default_factory=list)  # [b][k] (H, W)
 
 
@@ -146,16 +149,12 @@ class MedPLIBModel(nn.Module):
         # Published: Linear(H, H), ReLU, Linear(H, 256) on the hidden state that predicts [SEG].
         self.seg_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.decoder.transformer_dim))
         if cfg.moe.num_experts:
-            from medplib.model.moe import replace_mlps_with_moe
-
             replace_mlps_with_moe(self.llm, cfg.moe)
         # How cached decoding runs its steps: "eager" (the reference), "static" or "compiled" (decoding.py).
         self.decode_mode = "eager"
 
     # ------------------------------------------------------------------ parts
     def _moe_layers(self) -> list[nn.Module]:
-        from medplib.model.moe import moe_layers
-
         return moe_layers(self.llm) if self.cfg.moe.num_experts else []
 
     def encode_vision(self, vision_pixels: torch.Tensor) -> torch.Tensor:
@@ -232,9 +231,12 @@ class MedPLIBModel(nn.Module):
         masks = [postprocess_masks(low_res[i : i + 1], size, valid_hw[i], original_hw[i])[0, 0] for i in range(len(original_hw))]
         return masks, iou.view(-1)
 
-    def _set_moe_token_mask(self, attention_mask: torch.Tensor | None) -> None:
-        for layer in self._moe_layers():
-            layer.set_token_mask(attention_mask.bool() if attention_mask is not None else None)
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the LLM's layer activations in the backward pass instead of keeping them
+        (non-reentrant), with the MoE layers' per-batch routing inputs restored for the recompute
+        (`medplib.model.moe.recompute_context`), so checkpointing never changes which tokens route where."""
+        self.llm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": recompute_context(self.llm)})
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -249,9 +251,13 @@ class MedPLIBModel(nn.Module):
         pixel_valid_hw: list[tuple[int, int]],
         labels: torch.Tensor | None = None,
         example_pixels: list[torch.Tensor] | None = None,
+        token_groups: torch.Tensor | None = None,
+        route_targets: torch.Tensor | None = None,
     ) -> MedPLIBOutput:
-        """Teacher-forced losses. input_ids/labels/attention_mask (B, T); pixels (B, 3, S, S);
-        example_pixels: per sample its in-context example images (k_b, 3, Sv, Sv), k_b may be 0."""
+        """Teacher-forced loss parts. input_ids/labels/attention_mask (B, T); pixels (B, 3, S, S);
+        example_pixels: per sample its in-context example images (k_b, 3, Sv, Sv), k_b may be 0.
+        MoE models only: token_groups (B, T) for routing statistics, route_targets (B, T) expert
+        per token (-1 = none) for the `route` loss (`medplib.training.data`)."""
         vision_feats = self.encode_vision(vision_pixels)
         example_feats = None
         if example_pixels is not None and any(p.shape[0] for p in example_pixels):
@@ -259,9 +265,11 @@ class MedPLIBModel(nn.Module):
             feats = self.encode_vision(torch.cat(list(example_pixels)).to(vision_pixels.device, vision_pixels.dtype))
             example_feats = [[f] if f.shape[0] else [] for f in feats.split([p.shape[0] for p in example_pixels])]
         emb = self.embed(input_ids, vision_feats, region_masks, example_feats)
-        self._set_moe_token_mask(attention_mask)
-        hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        self._set_moe_token_mask(None)
+        moe = self._moe_layers()
+        inputs = RoutingInputs(token_mask=attention_mask.bool(), groups=token_groups, targets=route_targets)
+        with routing(self.llm, inputs):  # a no-op for a dense LLM
+            hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask,
+                                            use_cache=False).last_hidden_state
         head = self.llm.get_output_embeddings()
         dev = hidden.device
         zero = torch.zeros((), device=dev)
@@ -300,18 +308,13 @@ class MedPLIBModel(nn.Module):
                 mask_logits[b].append(masks[j])
                 bce.append(bce_loss(masks[j], target))
                 dice.append(dice_loss(masks[j], target))
-                if self.cfg.loss.focal:
-                    focal.append(focal_loss(masks[j], target))
-                if self.cfg.loss.iou:
-                    iou_l.append((iou_pred[j] - soft_iou(masks[j].detach(), target).to(iou_pred.dtype)) ** 2)
-        mean = lambda xs: torch.stack(xs).mean() if xs else zero  # noqa: E731
-        parts.update(bce=mean(bce), dice=mean(dice), focal=mean(focal), iou=mean(iou_l))
-        moe = self._moe_layers()
-        parts["aux"] = torch.stack([m.aux_loss for m in moe]).sum() if moe else zero
-        w = self.cfg.loss
-        loss = (w.ce * parts["ce"] + w.bce * parts["bce"] + w.dice * parts["dice"] + w.focal * parts["focal"]
-                + w.iou * parts["iou"] + parts["aux"])
-        return MedPLIBOutput(loss=loss, logits=logits, parts=parts, mask_logits=mask_logits)
+                focal.append(focal_loss(masks[j], target))
+                iou_l.append((iou_pred[j] - soft_iou(masks[j].detach(), target).to(iou_pred.dtype)) ** 2)
+        for name, xs in (("bce", bce), ("dice", dice), ("focal", focal), ("iou", iou_l)):
+            parts[name] = torch.stack(xs).mean() if xs else zero
+        for name in LOSS_NAMES:
+            parts[name] = torch.stack([m.losses[name].to(dev) for m in moe]).sum() if moe else zero
+        return MedPLIBOutput(logits=logits, parts=parts, mask_logits=mask_logits)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

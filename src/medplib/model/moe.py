@@ -31,14 +31,24 @@ probability is about 1/E and the published gate scales each MLP output by ~0.5. 
 this way). The straight-through gate starts stage IV exactly at the dense experts' outputs and still
 trains the router: d(loss)/d(router) = (d(loss)/dy . expert(x)) * d(log p).
 
-Why task-supervised routing (`router_task_coef`, not published): a straight-through gate keeps the
+Why task-supervised routing (the `route` loss, not published): a straight-through gate keeps the
 scale, but a near-random router still sends about half of a grounding answer's tokens to the
 vision-language expert, which never learned to emit [SEG]; the published run has 500k samples to
-sort this out, a CPU run has a few hundred steps. With the coefficient set, the training loop gives
-each token of a question and its answer the expert of its task (`set_route_targets`), and
-coef * cross-entropy(router logits, target) joins the auxiliary loss. Only tokens after the image
-are supervised: the system prompt and image tokens come before the question, cannot see it, and so
-cannot know the task. Routing stays a learned function of the hidden state; inference is unchanged.
+sort this out, a CPU run has a few hundred steps. Given route targets, each token of a question and
+its answer gets the expert of its task, and cross-entropy(router logits, target) is the `route`
+loss. Only tokens after the image are supervised: the system prompt and image tokens come before the
+question, cannot see it, and so cannot know the task. Routing stays a learned function of the hidden
+state; inference is unchanged.
+
+Losses are unweighted here: after a forward each layer holds `losses` = {balance, z, route}; the
+training recipe's `loss` section weights them (training settings are not model settings).
+
+Per-batch inputs (token mask, token groups, route targets) are arguments of one forward, given
+through `routing(llm, RoutingInputs(...))`, a context that restores the previous inputs on exit.
+Under activation checkpointing the backward pass recomputes each layer after that context has
+exited, so `recompute_context(llm)` (a `torch.utils.checkpoint` `context_fn`) captures the inputs
+a layer saw in the forward and re-enters them for its recompute: forward and recompute route the
+same tokens.
 
 Inference: a dropped token at inference would silently change answers, so in eval mode a forward
 with T == 1 (a KV-cache decoding step) never drops. With `capacity_factor_eval >= E / k` (the
@@ -58,6 +68,9 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -70,19 +83,34 @@ from medplib.errors import ConfigError
 # split with gates close to 1/E, so every expert receives tokens and gradients from the first step.
 # A zero router would tie all logits and send every token to expert 0 until the router moved.
 ROUTER_INIT_STD = 0.02
+LOSS_NAMES = ("balance", "z", "route")
+
+
+@dataclass(frozen=True)
+class RoutingInputs:
+    """Per-batch inputs of every MoE layer for one forward (module docstring).
+
+    token_mask: (B, T) bool, True = real token (None = every token is real); groups: (B, T) small
+    non-negative ints for routing statistics (e.g. 0 text/VQA, 1 region, 2 grounding); targets:
+    (B, T) expert index per token, -1 = unsupervised (the `route` loss)."""
+
+    token_mask: Tensor | None = None
+    groups: Tensor | None = None
+    targets: Tensor | None = None
+
+
+NO_INPUTS = RoutingInputs()
 
 
 class MoEMLP(nn.Module):
     """Top-k MoE with capacity, padding-aware routing, auxiliary losses and routing statistics.
 
-    A drop-in replacement for a decoder layer's `mlp`: `forward(x: (B, T, H)) -> (B, T, H)`.
-    Optional per-batch inputs are set before the forward and stay until replaced or cleared:
-    `set_token_mask((B, T) bool, True = real token)`, `set_token_groups((B, T) long)` and
-    `set_route_targets((B, T) long, -1 = unsupervised)`.
+    A drop-in replacement for a decoder layer's `mlp`: `forward(x: (B, T, H)) -> (B, T, H)`. Its
+    per-batch inputs are `self.inputs`, set for one forward by `routing(...)`.
 
     After each forward:
-        aux_loss: scalar tensor, aux_loss_coef * balance + z_loss_coef * z
-            + router_task_coef * route (0 when all coefs are 0)
+        losses: {"balance", "z", "route"} unweighted scalar tensors: the Switch balance loss (1.0
+            when balanced), the ST-MoE z-loss and the route cross-entropy (0 without targets)
         last_counts: (E,) long, router selections per expert over non-padding tokens (before capacity;
             sums to N * k)
         last_dropped: int, selections dropped by capacity (a property: reading it syncs the device)
@@ -105,12 +133,10 @@ class MoEMLP(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.router = nn.Linear(hidden_size, self.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD)
-        self.forced_expert: int | None = None
+        self.forced_expert: int | None = None  # analysis hook, see `force_expert`
         self.sync_free = False  # decoding step without a host read of the chosen expert (module docstring)
-        self._token_mask: Tensor | None = None
-        self._token_groups: Tensor | None = None
-        self._route_targets: Tensor | None = None
-        self.aux_loss: Tensor = torch.zeros(())
+        self.inputs = NO_INPUTS
+        self.losses: dict[str, Tensor] = {k: torch.zeros(()) for k in LOSS_NAMES}
         self.last_counts: Tensor = torch.zeros(self.num_experts, dtype=torch.long)
         self._dropped: Tensor = torch.zeros((), dtype=torch.long)
         self.reset_stats()
@@ -120,18 +146,6 @@ class MoEMLP(nn.Module):
         """Selections dropped by capacity in the last forward (kept as a tensor until asked: reading
         it forces a device sync, which a decoding step must not pay)."""
         return int(self._dropped)
-
-    def set_token_mask(self, mask: Tensor | None) -> None:
-        """mask: (B, T), True/1 for real tokens, False/0 for padding; None = every token is real."""
-        self._token_mask = None if mask is None else mask.bool()
-
-    def set_token_groups(self, groups: Tensor | None) -> None:
-        """groups: (B, T) non-negative small ints (e.g. 0 text/VQA, 1 region, 2 grounding); None = no group statistics."""
-        self._token_groups = None if groups is None else groups.long()
-
-    def set_route_targets(self, targets: Tensor | None) -> None:
-        """targets: (B, T) expert index per token, -1 = no target; used when cfg.router_task_coef > 0."""
-        self._route_targets = None if targets is None else targets.long()
 
     def reset_stats(self) -> None:
         """Clear the accumulated per-group counts."""
@@ -151,7 +165,8 @@ class MoEMLP(nn.Module):
             raise ValueError(f"MoEMLP expects (B, T, H) input, got shape {tuple(x.shape)}")
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
-        valid = self._per_token(self._token_mask, B, T, x.device, "token mask")
+        mask = self.inputs.token_mask
+        valid = self._per_token(None if mask is None else mask.bool(), B, T, x.device, "token mask")
 
         # fp32 routing even under autocast: bf16 logits flip near-tied choices between otherwise equal runs.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -227,7 +242,8 @@ class MoEMLP(nn.Module):
             y = (y * p).to(y.dtype)  # fp32 gate, as in the general path, so cached and uncached decoding agree
         if not compiling:
             self.last_counts = (choice == torch.arange(self.num_experts, device=choice.device)).long()  # (E,)
-            self._dropped, self.aux_loss = torch.zeros((), dtype=torch.long), torch.zeros(())
+            self._dropped = torch.zeros((), dtype=torch.long)
+            self.losses = {k: torch.zeros(()) for k in LOSS_NAMES}
         return y
 
     def _per_token(self, value: Tensor | None, B: int, T: int, device: torch.device, name: str) -> Tensor | None:
@@ -236,13 +252,13 @@ class MoEMLP(nn.Module):
         if tuple(value.shape) != (B, T):
             raise ValueError(
                 f"MoE {name} has shape {tuple(value.shape)} but the input is ({B}, {T}); "
-                f"set it for this batch or clear it with None"
+                f"give this batch's inputs to `routing`"
             )
         return value.reshape(B * T).to(device)
 
     def _record(self, logits: Tensor, probs: Tensor, selected: Tensor, kept: Tensor, valid: Tensor | None,
                 n_tokens: int, B: int, T: int) -> None:
-        """Store aux_loss, last_counts, last_dropped and accumulate group_counts.
+        """Store losses, last_counts, last_dropped and accumulate group_counts.
 
         logits, probs: (B*T, E) fp32; selected, kept: (B*T, k, E); valid: (B*T,) bool or None.
         """
@@ -250,30 +266,28 @@ class MoEMLP(nn.Module):
         self.last_counts = counts.detach()
         self._dropped = (counts.sum() - kept.sum()).detach()
 
-        aux = logits.new_zeros(())
-        cfg = self.cfg
-        if cfg.router_task_coef and self._route_targets is not None:
-            target = self._per_token(self._route_targets, B, T, logits.device, "route targets")
+        zero = logits.new_zeros(())
+        losses = {k: zero for k in LOSS_NAMES}
+        if self.inputs.targets is not None:
+            target = self._per_token(self.inputs.targets.long(), B, T, logits.device, "route targets")
             if valid is not None:
                 target = target.masked_fill(~valid, -1)
             if int(target.max()) >= self.num_experts:
                 raise ValueError(f"MoE route target {int(target.max())} out of range for {self.num_experts} experts")
             if bool((target >= 0).any()):
-                aux = aux + cfg.router_task_coef * F.cross_entropy(logits, target, ignore_index=-1)
-        if n_tokens > 0 and (cfg.aux_loss_coef or cfg.z_loss_coef):
+                losses["route"] = F.cross_entropy(logits, target, ignore_index=-1)
+        if n_tokens > 0:
             real_logits, real_probs = (logits, probs) if valid is None else (logits[valid], probs[valid])
-            if cfg.aux_loss_coef:
-                # Switch / GShard balance: E * sum_e f_e * P_e, f_e = share of selections (sums to 1
-                # for any k), P_e = mean router probability; 1.0 when perfectly balanced.
-                f = counts.float() / counts.sum()
-                p = real_probs.mean(dim=0)
-                aux = aux + cfg.aux_loss_coef * self.num_experts * (f * p).sum()
-            if cfg.z_loss_coef:
-                # ST-MoE router z-loss: mean of squared log-partition, keeps logits small.
-                aux = aux + cfg.z_loss_coef * real_logits.logsumexp(dim=-1).square().mean()
-        self.aux_loss = aux
+            # Switch / GShard balance: E * sum_e f_e * P_e, f_e = share of selections (sums to 1
+            # for any k), P_e = mean router probability; 1.0 when perfectly balanced.
+            f = counts.float() / counts.sum()
+            losses["balance"] = self.num_experts * (f * real_probs.mean(dim=0)).sum()
+            # ST-MoE router z-loss: mean of squared log-partition, keeps logits small.
+            losses["z"] = real_logits.logsumexp(dim=-1).square().mean()
+        self.losses = losses
 
-        groups = self._per_token(self._token_groups, B, T, logits.device, "token groups")
+        groups = self._per_token(None if self.inputs.groups is None else self.inputs.groups.long(), B, T,
+                                 logits.device, "token groups")
         if groups is None:
             return
         per_token = selected.sum(dim=1)  # (B*T, E), padding rows are zero
@@ -355,14 +369,50 @@ def set_sync_free(module: nn.Module, on: bool) -> None:
         m.sync_free = on
 
 
-def force_expert(llm: nn.Module, e: int | None) -> None:
-    """Analysis hook: every router sends every token to expert `e` with gate 1.0 and no capacity
-    limit, so an upcycled model reproduces the dense model of expert e; None restores routing.
+@contextmanager
+def routing(llm: nn.Module, inputs: RoutingInputs) -> Iterator[None]:
+    """Give every MoEMLP inside `llm` these per-batch inputs for the forwards run inside the block;
+    the previous inputs come back on exit, also when the forward raises."""
+    layers = moe_layers(llm)
+    previous = [m.inputs for m in layers]
+    for m in layers:
+        m.inputs = inputs
+    try:
+        yield
+    finally:
+        for m, p in zip(layers, previous):
+            m.inputs = p
 
-    Bit-exact when no token mask is set (the expert then runs on the whole (B, T, H) input, as the
+
+def recompute_context(llm: nn.Module) -> Callable[[], tuple[ContextManager[None], ContextManager[None]]]:
+    """A `context_fn` for non-reentrant `torch.utils.checkpoint`: called when a checkpointed layer
+    runs its forward, it captures the routing inputs in force then and returns (nothing for the
+    forward, those inputs again for the backward's recompute) — module docstring."""
+
+    def context_fn() -> tuple[ContextManager[None], ContextManager[None]]:
+        layers = moe_layers(llm)
+        return nullcontext(), routing(llm, layers[0].inputs if layers else NO_INPUTS)
+
+    return context_fn
+
+
+@contextmanager
+def force_expert(llm: nn.Module, e: int) -> Iterator[None]:
+    """Analysis hook, for the block: every router sends every token to expert `e` with gate 1.0 and
+    no capacity limit, so an upcycled model reproduces the dense model of expert e.
+
+    Bit-exact when no token mask is given (the expert then runs on the whole (B, T, H) input, as the
     dense MLP does); with padding masked out, real tokens match up to matmul round-off, since the
     expert sees a gathered (n, H) batch, and padding positions get zero."""
-    for m in moe_layers(llm):
-        if e is not None and not 0 <= e < m.num_experts:
+    layers = moe_layers(llm)
+    for m in layers:
+        if not 0 <= e < m.num_experts:
             raise ValueError(f"expert {e} out of range for {m.num_experts} experts")
+    previous = [m.forced_expert for m in layers]
+    for m in layers:
         m.forced_expert = e
+    try:
+        yield
+    finally:
+        for m, p in zip(layers, previous):
+            m.forced_expert = p

@@ -137,7 +137,7 @@ GROUNDING_EXPERT, VL_EXPERT = 0, 1
 
 
 def route_targets(batch: dict[str, Any], groups: torch.Tensor, image_id: int) -> torch.Tensor:
-    """(B, T) expert per token for task-supervised routing (MoEConfig.router_task_coef): tokens of a
+    """(B, T) expert per token for task-supervised routing (the recipe's `loss.route`): tokens of a
     grounding sample -> GROUNDING_EXPERT, of any other task -> VL_EXPERT; -1 (no target) for padding
     and for everything up to the image's closing token, which comes before the question and so
     cannot know the task. groups: (B, T) from `token_groups`."""

@@ -1,8 +1,9 @@
 """A plain single-process training loop over encoded samples, for tests and quick experiments (the
 stage recipes run on `medplib.training.loop`).
 
-AdamW with the published betas (0.9, 0.95), linear warmup then linear decay, gradient clipping
-at 1.0, deterministic batch order for a seed. Only parameters with `requires_grad` train.
+AdamW with the published betas (0.9, 0.95) and schedule (`medplib.training.optim`), gradient
+clipping at 1.0, the loss weighted by a recipe `LossSection` (the published stage IV weights by
+default), deterministic batch order for a seed. Only parameters with `requires_grad` train.
 """
 
 from __future__ import annotations
@@ -15,13 +16,8 @@ import torch
 from medplib.api import MedPLIB
 from medplib.errors import InputError
 from medplib.processing import Encoded
-
-
-def warmup_linear(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: 0 -> 1 over `warmup` steps, then linearly to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+from medplib.training.optim import build_optimizer
+from medplib.training.recipe import LossSection, OptimSection
 
 
 def fit(
@@ -35,14 +31,15 @@ def fit(
     seed: int = 0,
     grad_clip: float = 1.0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    loss: LossSection | None = None,
 ) -> list[dict[str, float]]:
-    """Train for `steps` optimizer steps; returns the per-step loss parts."""
+    """Train for `steps` optimizer steps; returns the per-step loss and its parts."""
     if not items:
         raise InputError("no training samples")
+    weights = loss or LossSection()
     params = [p for p in m.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = warmup if warmup is not None else max(1, math.ceil(0.03 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_linear(s, steps, warm))
+    opt, sched = build_optimizer(params, OptimSection(lr=lr, weight_decay=0.0), steps, warmup=warm)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     history = []
@@ -53,12 +50,13 @@ def fit(
         batch_idx, order = order[:batch_size], order[batch_size:]
         batch = m.collate([items[i] for i in batch_idx])
         out = m.model(**batch)
+        total = weights.combine(out.parts)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         sched.step()
-        parts = {"loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.parts.items()}}
+        parts = {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in out.parts.items()}}
         history.append(parts)
         if on_step is not None:
             on_step(step, parts)

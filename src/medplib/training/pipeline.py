@@ -78,7 +78,7 @@ PRESET_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
         # one expert, which the published 1.5 cuts by a quarter (measured: text loss 0.4 -> 5 in 25 steps).
         # lr 1e-3 as in stages II-III: at 1e-4 the fresh routers stay at chance over a 20-step stage IV (measured:
         # VQA tokens 0.54 / 0.46 over the experts, the task loss at 0.69 per layer).
-        "stage4_moe": ("optim.lr=1e-3", "upcycle.gate=straight_through", "upcycle.router_task_coef=0.3",
+        "stage4_moe": ("optim.lr=1e-3", "upcycle.gate=straight_through", "loss.route=0.3",
                        "upcycle.capacity_factor_train=2.0",
                        "loss.dice=5.0", "loss.bce=1.0", "loss.focal=1.0"),
     },

@@ -8,21 +8,24 @@ silently fall back to a default.
 
 Override values are parsed as YAML (`train.steps=20` is an int, `lora.targets=[q_proj,v_proj]` a
 list, `model.path=null` None). Keys under `model.overrides.` are model-config keys (dotted, as in
-`medplib.config.apply_override`) and are kept whole: `model.overrides.loss.dice=0`.
+`medplib.config.apply_override`) and are kept whole: `model.overrides.moe.top_k=2`.
+
+Training settings (loss weights, routing-loss weights, optimizer, schedule) live here only; the
+model folder a stage writes describes the model alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import torch
 import yaml
 
-from medplib.config import ICLConfig, LossConfig
+from medplib.coerce import build
+from medplib.config import ICLConfig, MoEConfig
 from medplib.errors import ConfigError
 
 
@@ -65,18 +68,48 @@ class LoraSection:
 
 
 @dataclass
-class UpcycleSection:
+class UpcycleSection(MoEConfig):
     """Stage IV: every LLM MLP becomes an MoE whose expert e copies that MLP of `experts[e]` (model
     folders). The pixel parts (pixel encoder, mask decoder, [SEG] projection) come from expert 0's
-    model, the pixel-grounding expert; everything else from `model.path`. Empty = dense model."""
+    model, the pixel-grounding expert; everything else from `model.path`. Empty = dense model.
+    The other keys are the upcycled model's `MoEConfig` (top_k, capacity factors, gate); its
+    `num_experts` is the number of `experts`."""
 
     experts: list[str] = field(default_factory=list)
-    top_k: int = 1
-    capacity_factor_train: float = 1.5
-    capacity_factor_eval: float = 2.0
-    aux_loss_coef: float = 0.0
-    gate: Literal["prob", "straight_through"] = "prob"  # see MoEConfig.gate
-    router_task_coef: float = 0.0  # see MoEConfig.router_task_coef; 0 = published
+    num_experts: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.num_experts = len(self.experts)
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoEConfig)})
+
+
+# The loss parts `MedPLIBModel.forward` returns, in the order the runner logs them.
+LOSS_PARTS = ("ce", "bce", "dice", "focal", "iou", "balance", "z", "route")
+
+
+@dataclass
+class LossSection:
+    """The stage's loss weights. Defaults: the published stage IV (ce 1, dice 0.5, bce 2, no routing
+    loss). The routing losses are summed over the MoE layers (model/moe.py): `balance` is the
+    Switch balance loss (published `router_aux_loss_coef`, 0 in stage IV), `z` the ST-MoE z-loss,
+    `route` task-supervised routing (not published)."""
+
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+    focal: float = 0.0
+    iou: float = 0.0
+    balance: float = 0.0
+    z: float = 0.0
+    route: float = 0.0
+
+    def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss: the weighted sum of the parts (parts with weight 0 are left out, so a part
+        that is undefined for this batch cannot turn the sum into NaN)."""
+        terms = [getattr(self, k) * parts[k] for k in LOSS_PARTS if getattr(self, k)]
+        return torch.stack(terms).sum() if terms else parts["ce"] * 0.0
 
 
 @dataclass
@@ -124,7 +157,7 @@ class Recipe:
     unfreeze: list[str] = field(default_factory=list)  # more groups, for parts without pretrained weights
     lora: LoraSection = field(default_factory=LoraSection)
     upcycle: UpcycleSection = field(default_factory=UpcycleSection)
-    loss: dict[str, float] = field(default_factory=dict)  # LossConfig weights set for this stage
+    loss: LossSection = field(default_factory=LossSection)
     icl: dict[str, Any] = field(default_factory=dict)  # ICLConfig fields set for this stage (saved with the model)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -136,9 +169,6 @@ class Recipe:
             raise RecipeError("model: give exactly one of model.preset and model.path")
         if self.model.overrides and self.model.preset is None:
             raise RecipeError("model.overrides apply to a preset; a model folder keeps its own config")
-        bad = set(self.loss) - {f.name for f in dataclasses.fields(LossConfig)}
-        if bad:
-            raise RecipeError(f"loss: unknown weights {sorted(bad)} (known: ce, bce, dice, focal, iou)")
         known = {f.name for f in dataclasses.fields(ICLConfig)}
         if set(self.icl) - known:
             raise RecipeError(f"icl: unknown keys {sorted(set(self.icl) - known)} (known: {', '.join(sorted(known))})")
@@ -179,9 +209,6 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if key.startswith("model.overrides."):
             raw.setdefault("model", {}).setdefault("overrides", {})[key[len("model.overrides."):]] = value
             continue
-        if key.startswith("loss."):
-            raw.setdefault("loss", {})[key[len("loss."):]] = value
-            continue
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
@@ -193,7 +220,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
-    return _build(Recipe, raw, "recipe")
+    return build(Recipe, raw, "recipe", RecipeError, "recipe")
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -208,64 +235,3 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections")
     return recipe_from_dict(apply_overrides(raw, overrides))
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: expected a section (mapping), got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise RecipeError(f"unknown recipe key '{where.removeprefix('recipe.') + '.' if where != 'recipe' else ''}{unknown[0]}'"
-                          f" (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    key = where.removeprefix("recipe.")
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"bad value for '{key}': {value!r} (choose from {', '.join(map(str, args))})")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"bad value for '{key}': expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"bad value for '{key}': expected a mapping, got {value!r}")
-        return {str(k): (_coerce(v, args[1], f"{where}.{k}") if args[1] is not Any else v) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"bad value for '{key}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"bad value for '{key}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"bad value for '{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise RecipeError(f"bad value for '{key}': expected a string, got {value!r}")
-        return str(value)
-    raise RecipeError(f"'{key}': unsupported type {tp}")

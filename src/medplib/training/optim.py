@@ -1,0 +1,28 @@
+"""The optimizer and its learning-rate schedule, for the recipe runner and `fit` alike: AdamW with
+the recipe's betas and weight decay, linear warmup then linear decay to 0 (published)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from medplib.training.recipe import OptimSection
+
+
+def warmup_linear(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: 0 -> 1 over `warmup` steps, then linearly to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimSection, steps: int,
+                    warmup: int | None = None) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its schedule over `steps` optimizer steps; `warmup` steps (default: the section's
+    `warmup_ratio` of `steps`, rounded up). The schedule is stepped once per optimizer step."""
+    opt = torch.optim.AdamW(list(params), lr=optim.lr, betas=(optim.betas[0], optim.betas[1]),
+                            weight_decay=optim.weight_decay)
+    warm = warmup if warmup is not None else (math.ceil(optim.warmup_ratio * steps) if optim.warmup_ratio > 0 else 0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_linear(s, steps, warm))
