@@ -28,7 +28,7 @@ from medplib.data.builder import BuildConfig, build_samples
 from medplib.data.loading import LoadedSample, load_sample
 from medplib.data.mni import mni_items
 from medplib.data.phantoms import phantom_items
-from medplib.data.schema import PointRegion, read_jsonl, write_jsonl
+from medplib.data.schema import IMAGE_TOKEN, PointRegion, read_jsonl, write_jsonl
 from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.vqa import normalized_match
 from medplib.training.pipeline import run_pipeline
@@ -81,7 +81,7 @@ def _click(mask: np.ndarray) -> PointRegion:
 
 
 def _question(s: LoadedSample) -> str:
-    return s.sample.conversations[0].content.replace("<image>", "").strip()
+    return s.sample.conversations[0].content.replace(IMAGE_TOKEN, "").strip()
 
 
 def evaluate(m: MedPLIB, test: Sequence[LoadedSample]) -> dict[str, float]:

@@ -17,13 +17,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from medplib.config import VICUNA_SYSTEM, TokenizerConfig
+# The tokens sample text carries are defined with the schema: data code reads them without importing the model.
+from medplib.data.schema import (BOX_END_TOKEN as BOX_END, BOX_START_TOKEN as BOX_START, IMAGE_TOKEN as IMAGE,
+                                 REGION_TOKEN as REGION, SEG_TOKEN as SEG, read_jsonl)
 from medplib.errors import CheckpointError, ConfigError
 from medplib.model import packaged
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-IMAGE, IM_START, IM_END = "<image>", "<im_start>", "<im_end>"
-REGION, SEG = "<region>", "[SEG]"
-BOX_START, BOX_END = "<box>", "</box>"
+IM_START, IM_END = "<im_start>", "<im_end>"
 # Every special token is one id; the model relies on it when it splices image/region embeddings.
 EXTRA_SPECIAL = [IMAGE, IM_START, IM_END, REGION, SEG, BOX_START, BOX_END]
 
@@ -72,8 +73,6 @@ def _corpus() -> list[str]:
 
 def data_texts(folder: str | Path) -> list[str]:
     """The conversation texts of the train split of every JSONL file in a data folder, special tokens removed."""
-    from medplib.data.schema import read_jsonl
-
     files = sorted(Path(folder).glob("*.jsonl"))
     if not files:
         raise ConfigError(f"tokenizer.corpus: no .jsonl file in {folder}")
