@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, grid_to_box, parse_med_grit, parse_minigpt
-from medplib.data.builder import BuildConfig, Instance, LabelledImage, split_of
+from medplib.data.builder import SEGMENT_QUESTION, BuildConfig, Instance, LabelledImage, split_of
 from medplib.data.loading import load_sample
 from medplib.data.masks import rle_encode
 from medplib.data.schema import IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, Sample, Target, Turn, read_jsonl
@@ -45,7 +45,6 @@ from medplib.evaluation.report import run_report
 
 BENCHMARKS = ("vqa-rad", "kvasir-seg", "monuseg-text", "sa-med2d", "mecovqa", "med-grit", "jsonl")
 SPLITS = ("test", "val", "train", "all")
-SEGMENT_QUESTION = "Please segment the {label}."
 SEGMENT_ANSWER = f"Sure, it is {SEG_TOKEN}."
 # benchmarks whose --data is one file that already is the evaluation set (no split field to filter)
 _FILE_IS_SPLIT = ("mecovqa", "med-grit")
@@ -60,7 +59,7 @@ class EvalSet:
 
 
 def _grounding_samples(items: Iterable[LabelledImage]) -> Iterator[Sample]:
-    """One "Please segment the {label}." sample per label of each image. The split is the
+    """One `SEGMENT_QUESTION` sample per label of each image. The split is the
     source's, else the group hash that `medplib data build` uses (same seed and fractions), so a
     model trained on a built file is tested on the images it never saw."""
     cfg = BuildConfig()
@@ -78,7 +77,7 @@ def _grounding_samples(items: Iterable[LabelledImage]) -> Iterator[Sample]:
             mask = insts[0].path if single else rle_encode(np.logical_or.reduce([i.mask for i in insts]))
             yield Sample(
                 id=f"{stem}:{label}", image=item.image,
-                conversations=[Turn(role="user", content=SEGMENT_QUESTION.format(label=label)),
+                conversations=[Turn(role="user", content=SEGMENT_QUESTION.format(target=label)),
                                Turn(role="assistant", content=SEGMENT_ANSWER)],
                 targets=[Target(mask=mask, label=label)], modality=item.modality, task="grounding",
                 answer_type="open", source=item.source, split=split, group=group,  # type: ignore[arg-type]
