@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, grid_to_box, parse_med_grit, parse_minigpt
-from medplib.data.loading import load_sample
+from medplib.data.loading import LoadedSample, load_sample
 from medplib.data.schema import IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, Sample
 from medplib.errors import InputError, MedplibError
 from medplib.evaluation.benchmarks import read_benchmark
@@ -125,6 +125,15 @@ def _union(masks: Sequence[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
     return np.logical_or.reduce(list(masks)) if masks else np.zeros(hw, dtype=bool)
 
 
+def grounding_masks(loaded: LoadedSample, answer_masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth, prediction) of a grounding answer to the sample's first question: the union of the targets
+    of the first reference's `[SEG]`s and the union of the answer's masks, each all False when there is none."""
+    hw = (int(loaded.image.shape[0]), int(loaded.image.shape[1]))
+    n_seg = loaded.sample.conversations[1].content.count(SEG_TOKEN)
+    targets = [m for m in loaded.target_masks if m is not None][:n_seg]
+    return _union(targets, hw), _union(answer_masks, hw)
+
+
 def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
     """Ask the sample's first question and return its prediction record for `run_report`."""
     loaded = load_sample(sample, root)
@@ -139,9 +148,8 @@ def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
         "question": question.replace(IMAGE_TOKEN, "").strip(), "prediction": answer.text, "reference": reference,
     }
     if task == "grounding":
-        targets = [m for m in loaded.target_masks if m is not None][: reference.count(SEG_TOKEN)]
-        rec.update(gt_mask=_union(targets, hw), pred_mask=_union(answer.masks, hw), n_pred_masks=len(answer.masks),
-                   image=_image_path(sample, root))
+        gt, pred = grounding_masks(loaded, answer.masks)
+        rec.update(gt_mask=gt, pred_mask=pred, n_pred_masks=len(answer.masks), image=_image_path(sample, root))
     elif task == "box_grounding":
         fmt = _box_format(sample)
         rec.update(gt_boxes=text_boxes(reference, fmt, hw[1], hw[0]), pred_boxes=text_boxes(answer.text, fmt, hw[1], hw[0]))
