@@ -30,7 +30,7 @@ import numpy as np
 
 from medplib.api import MedPLIB
 from medplib.data.loading import load_sample
-from medplib.data.schema import read_jsonl
+from medplib.data.schema import IMAGE_TOKEN, read_jsonl
 from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.vqa import normalize_medplib
 from medplib.training.loop import train
@@ -96,10 +96,10 @@ def _score(pred: list[str], test_qa: list[tuple[str, str, str]], name: str) -> d
 def vqa_rad(preset: str, src: Path, work: Path, steps: list[int], extra: dict[str, list[str]], device: str) -> None:
     data = _build("vqa-rad", src, work / "data")
     samples = list(read_jsonl(data / "samples.jsonl"))
-    train_qa = [(s.conversations[0].content.replace("<image>", "").strip(), s.conversations[1].content)
+    train_qa = [(s.conversations[0].content.replace(IMAGE_TOKEN, "").strip(), s.conversations[1].content)
                 for s in samples if s.split == "train"]
     test = [s for s in samples if s.split == "test"]
-    test_qa = [(s.conversations[0].content.replace("<image>", "").strip(), s.conversations[1].content,
+    test_qa = [(s.conversations[0].content.replace(IMAGE_TOKEN, "").strip(), s.conversations[1].content,
                 s.answer_type or "open") for s in test]
     print(json.dumps({"bench": "vqa_rad", "n_train": len(train_qa), "n_test": len(test_qa),
                       **blind_baseline(train_qa, test_qa)}), flush=True)
@@ -110,7 +110,7 @@ def vqa_rad(preset: str, src: Path, work: Path, steps: list[int], extra: dict[st
     real, blank = [], []
     for s in test:
         loaded = load_sample(s, data)
-        q = s.conversations[0].content.replace("<image>", "").strip()
+        q = s.conversations[0].content.replace(IMAGE_TOKEN, "").strip()
         real.append(m.generate(loaded.image, q, max_new_tokens=12).text)
         blank.append(m.generate(np.zeros_like(loaded.image), q, max_new_tokens=12).text)
     print(json.dumps({"bench": "vqa_rad", "preset": preset, "steps": steps, "extra": extra, "wall_minutes": round((time.time() - start) / 60, 1),
@@ -125,7 +125,7 @@ def _kvasir_mdice(folder: Path, data: Path, test: list, device: str) -> tuple[fl
     for s in test:
         loaded = load_sample(s, data)
         gt = loaded.target_masks[0]
-        ans = m.generate(loaded.image, s.conversations[0].content.replace("<image>", "").strip())
+        ans = m.generate(loaded.image, s.conversations[0].content.replace(IMAGE_TOKEN, "").strip())
         no_mask += not ans.masks
         pred = ans.masks[0] if ans.masks else np.zeros_like(gt)
         dices.append(float(mask_overlap(pred[None], gt[None]).dice[0]))

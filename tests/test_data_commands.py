@@ -9,7 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from medplib.data.commands import data_app
+from medplib.data.converters import SOURCE_READERS, build_source
 from medplib.data.schema import read_jsonl
+from medplib.errors import InputError
 
 runner = CliRunner()
 
@@ -65,3 +67,11 @@ def test_errors_are_one_line_with_exit_1(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "Kvasir-SEG layout" in res.output
     res = runner.invoke(data_app, ["build", "--source", "phantoms", "--out", str(tmp_path / "p"), "--tasks", "dance"])
     assert res.exit_code == 1 and "unknown task" in res.output
+
+
+def test_source_choices_are_the_converters_table(tmp_path: Path) -> None:
+    res = runner.invoke(data_app, ["build", str(tmp_path), "--source", "nope", "--out", str(tmp_path / "o")])
+    text = " ".join(res.output.replace("│", " ").split())  # unwrap the error box
+    assert res.exit_code == 2 and "'nope' is not one of " + ", ".join(f"'{n}'" for n in SOURCE_READERS) + "." in text
+    with pytest.raises(InputError, match="unknown source 'nope'; choose from sa-med2d, kvasir, .*, volumes$"):
+        build_source("nope", tmp_path, tmp_path)

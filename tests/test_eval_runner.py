@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from medplib.api import Answer
 from medplib.cli import app
+from medplib.errors import InputError
+from medplib.evaluation.benchmarks import BENCHMARK_READERS
 from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.report import run_report
 from medplib.evaluation.runner import exchange_task, predict, select_samples, text_boxes
@@ -173,6 +175,16 @@ def test_bad_arguments_exit_2_with_a_message(shared_data, tmp_path, args, messag
     res = runner.invoke(app, ["eval", "--model", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_benchmark_choices_are_the_readers_table_then_volumes(tmp_path):
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path), "--benchmark", "nope", "--data", str(tmp_path),
+                              "--out", str(tmp_path / "o")])
+    text = " ".join(res.output.replace("│", " ").split())  # unwrap the error box
+    names = [*BENCHMARK_READERS, "volumes"]
+    assert res.exit_code == 2 and "'nope' is not one of " + ", ".join(f"'{n}'" for n in names) + "." in text
+    with pytest.raises(InputError, match="unknown benchmark 'nope'; choose from vqa-rad, kvasir-seg, .*, jsonl$"):
+        select_samples("nope", tmp_path)
 
 
 def test_a_folder_that_is_not_a_model_and_a_foreign_out_folder_are_clear_errors(shared_data, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from medplib.api import MedPLIB
 from medplib.config import preset
+from medplib.data.schema import BOX_END_TOKEN, BOX_START_TOKEN, IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN
 from medplib.errors import ConfigError
 from medplib.tokenizer import EXTRA_SPECIAL, build_tokenizer
 
@@ -51,3 +52,8 @@ def test_saved_model_keeps_the_fitted_tokenizer(vqa_rad: Path, tmp_path: Path) -
 def test_corpus_without_data_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no .jsonl file"):
         build_tokenizer(preset("tiny", **{"tokenizer.corpus": str(tmp_path)}).tokenizer)
+
+
+def test_the_tokens_sample_text_carries_are_special_tokens() -> None:
+    # data code writes these strings; the model relies on each being one id
+    assert {IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, BOX_START_TOKEN, BOX_END_TOKEN} <= set(EXTRA_SPECIAL)

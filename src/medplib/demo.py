@@ -23,13 +23,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medplib.api import MedPLIB
+from medplib.api import Answer, MedPLIB
 from medplib.data.builder import BuildConfig, build_samples
 from medplib.data.loading import LoadedSample, load_sample
 from medplib.data.mni import mni_items
 from medplib.data.phantoms import phantom_items
-from medplib.data.schema import PointRegion, read_jsonl, write_jsonl
+from medplib.data.schema import IMAGE_TOKEN, PointRegion, read_jsonl, write_jsonl
 from medplib.evaluation.masks import mask_overlap
+from medplib.evaluation.runner import grounding_masks
 from medplib.evaluation.vqa import normalized_match
 from medplib.training.pipeline import run_pipeline
 from medplib.visualize import overlay
@@ -55,9 +56,12 @@ class DemoResult:
     train_seconds: float
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice by the rules `medplib eval` uses (medplib.evaluation.masks; both empty scores 1)."""
-    return float(mask_overlap(pred[None], gt[None]).dice[0])
+def _grounding_score(s: LoadedSample, answer: Answer) -> tuple[np.ndarray, float]:
+    """The answer's mask and its Dice as `medplib eval` scores grounding: the union of the answer's masks against
+    the union of the reference's targets (runner.grounding_masks), by medplib.evaluation.masks' rules, so that a
+    question about an absent structure answered without a mask scores 1."""
+    gt, pred = grounding_masks(s, answer.masks)
+    return pred, float(mask_overlap(pred, gt).dice[0])
 
 
 def write_demo_dataset(data: Path, n_phantoms: int, seed: int, size: int = 256,
@@ -81,7 +85,7 @@ def _click(mask: np.ndarray) -> PointRegion:
 
 
 def _question(s: LoadedSample) -> str:
-    return s.sample.conversations[0].content.replace("<image>", "").strip()
+    return s.sample.conversations[0].content.replace(IMAGE_TOKEN, "").strip()
 
 
 def evaluate(m: MedPLIB, test: Sequence[LoadedSample]) -> dict[str, float]:
@@ -89,15 +93,11 @@ def evaluate(m: MedPLIB, test: Sequence[LoadedSample]) -> dict[str, float]:
     on up to MAX_EVAL test questions each."""
     vqa = [s for s in test if s.sample.task == "vqa" and s.sample.meta.get("kind") == "modality"][:MAX_EVAL]
     region = [s for s in test if s.sample.task == "region_vqa" and s.sample.meta.get("kind") == "label"][:MAX_EVAL]
-    seg = [s for s in test if s.sample.task == "grounding" and s.target_masks and s.target_masks[0] is not None][:MAX_EVAL]
+    seg = [s for s in test if s.sample.task == "grounding"][:MAX_EVAL]  # absent structures too, as medplib eval
     acc = lambda xs, regions: float(np.mean([  # noqa: E731
         normalized_match(m.generate(s.image, _question(s), s.regions if regions else (), s.region_masks if regions else None).text,
                          s.sample.conversations[1].content) for s in xs])) if xs else float("nan")
-    dices = []
-    for s in seg:
-        ans = m.generate(s.image, _question(s))
-        pred = ans.masks[0] if ans.masks else np.zeros(s.image.shape[:2], bool)
-        dices.append(_dice(pred, s.target_masks[0]))
+    dices = [_grounding_score(s, m.generate(s.image, _question(s)))[1] for s in seg]
     return {"modality_accuracy": acc(vqa, False), "region_label_accuracy": acc(region, True),
             "grounding_mdice": float(np.mean(dices)) if dices else float("nan"),
             "n_vqa": len(vqa), "n_region": len(region), "n_grounding": len(seg)}
@@ -153,8 +153,7 @@ def run_demo(
         click = _click(gt)
         region = m.generate(image, "What is shown in <region>?", [click])
         seg = m.generate(image, _question(s))
-        pred = seg.masks[0] if seg.masks else np.zeros_like(gt)
-        dice = _dice(pred, gt)
+        pred, dice = _grounding_score(s, seg)
         png = out / f"demo_{len(answers)}_{name}.png"
         mark = np.zeros_like(gt)  # the click, drawn as a small square
         cx, cy = (int(v) for v in click.point)

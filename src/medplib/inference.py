@@ -31,6 +31,7 @@ from PIL import Image
 
 from medplib.api import Answer, MedPLIB
 from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
+from medplib.data.builder import SEGMENT_QUESTION as SEGMENT_TEMPLATE
 from medplib.data.images import ImageData, read_image
 from medplib.data.schema import REGION_TOKEN, Region, Turn
 from medplib.errors import InputError
@@ -40,8 +41,6 @@ from medplib.processing import ImageInputs
 if TYPE_CHECKING:
     from medplib.data.volume import Volume
     from medplib.volume_inference import VolumePrediction, VolumeSlices, VoxelRegion
-
-SEGMENT_TEMPLATE = "Please segment the {target}."  # the MeCoVQA-G / Kvasir grounding question
 
 
 @dataclass

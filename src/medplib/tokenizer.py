@@ -17,13 +17,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from medplib.config import VICUNA_SYSTEM, TokenizerConfig
+from medplib.data.builder import SEGMENT_QUESTION
+# The tokens sample text carries are defined with the schema: data code reads them without importing the model.
+from medplib.data.schema import (BOX_END_TOKEN as BOX_END, BOX_START_TOKEN as BOX_START, IMAGE_TOKEN as IMAGE,
+                                 REGION_TOKEN as REGION, SEG_TOKEN as SEG, read_jsonl)
 from medplib.errors import CheckpointError, ConfigError
 from medplib.model import packaged
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-IMAGE, IM_START, IM_END = "<image>", "<im_start>", "<im_end>"
-REGION, SEG = "<region>", "[SEG]"
-BOX_START, BOX_END = "<box>", "</box>"
+IM_START, IM_END = "<im_start>", "<im_end>"
 # Every special token is one id; the model relies on it when it splices image/region embeddings.
 EXTRA_SPECIAL = [IMAGE, IM_START, IM_END, REGION, SEG, BOX_START, BOX_END]
 
@@ -51,7 +53,7 @@ _WORDS = [
     "distributed", "high", "low", "largest", "count", "one", "two", "three", "four", "five",
 ]
 _TEMPLATES = [
-    "What is in {r}?", "What structure is shown in {r}?", "Please segment the {s}.",
+    "What is in {r}?", "What structure is shown in {r}?", SEGMENT_QUESTION,
     "Can you segment the {s} in this image?", "Where is the {s}?", "Is there a {s} in this image?",
     "It is the {s}.", "Sure, it is {seg}.", "Sure, the {s} is {seg}.", "The {s} is at {b}(120,340),(560,780){be}.",
     "This is a {m} image.", "What modality is this? {m}.", "How many {s} are there? two.",
@@ -64,7 +66,7 @@ def _corpus() -> list[str]:
     # The chat-template words are frequent in every training sequence: weight them so they merge.
     lines = [VICUNA_SYSTEM] + ["USER: ASSISTANT: USER: ASSISTANT:"] * 200
     for t, s, m in itertools.product(_TEMPLATES, _STRUCTURES, _MODALITIES[:4]):
-        lines.append(t.format(r=REGION, s=s, m=m, seg=SEG, b=BOX_START, be=BOX_END))
+        lines.append(t.format(r=REGION, s=s, target=s, m=m, seg=SEG, b=BOX_START, be=BOX_END))
     lines += _MODALITIES + _STRUCTURES + _WORDS
     lines += [" ".join(str(n) for n in range(i, i + 20)) for i in range(0, 1001, 20)]
     return lines
@@ -72,8 +74,6 @@ def _corpus() -> list[str]:
 
 def data_texts(folder: str | Path) -> list[str]:
     """The conversation texts of the train split of every JSONL file in a data folder, special tokens removed."""
-    from medplib.data.schema import read_jsonl
-
     files = sorted(Path(folder).glob("*.jsonl"))
     if not files:
         raise ConfigError(f"tokenizer.corpus: no .jsonl file in {folder}")

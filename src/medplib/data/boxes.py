@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 
+from medplib.data.schema import BOX_END_TOKEN, BOX_START_TOKEN
 from medplib.errors import InputError
 
 Box = tuple[float, float, float, float]
@@ -20,7 +21,8 @@ GridBox = tuple[int, int, int, int]
 MED_GRIT_GRID = 1000
 MINIGPT_GRID = 100
 
-_MED_GRIT_RE = re.compile(r"<box>\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*</box>")
+_MED_GRIT_RE = re.compile(re.escape(BOX_START_TOKEN) + r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,"
+                          r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*" + re.escape(BOX_END_TOKEN))
 _MINIGPT_RE = re.compile(r"\{\s*<(\d+)>\s*<(\d+)>\s*<(\d+)>\s*<(\d+)>\s*\}")
 
 
@@ -61,7 +63,7 @@ def grid_to_box(gbox: GridBox, width: int, height: int, grid: int) -> Box:
 def format_med_grit(gbox: GridBox) -> str:
     """`<box>(x1,y1),(x2,y2)</box>` (Med-GRIT / BiRD, Qwen-VL convention, 0..1000)."""
     x1, y1, x2, y2 = gbox
-    return f"<box>({x1},{y1}),({x2},{y2})</box>"
+    return f"{BOX_START_TOKEN}({x1},{y1}),({x2},{y2}){BOX_END_TOKEN}"
 
 
 def format_minigpt(gbox: GridBox) -> str:

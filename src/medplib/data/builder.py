@@ -108,8 +108,10 @@ _T_REGION_WHAT = ["What is shown in {r}?", "What structure does {r} mark?", "Ide
                   "What is this {r}?"]
 _T_REGION_DESCRIBE = ["Describe {r}.", "Give a short description of {r}.", "What can you tell me about {r}?"]
 _T_REGION_IS = ["Is {r} the {l}?", "Does {r} show the {l}?", "Is the structure in {r} the {l}?"]
-_T_SEG = ["Please segment the {l}.", "Segment the {l} in this image.", "Can you segment the {l}?",
-          "Where is the {l}? Please output the mask.", "Show me the {l}."]
+# The grounding question `medplib eval` and `Predictor.segment` ask: the first phrasing grounding is trained on.
+SEGMENT_QUESTION = "Please segment the {target}."
+_T_SEG = [SEGMENT_QUESTION, "Segment the {target} in this image.", "Can you segment the {target}?",
+          "Where is the {target}? Please output the mask.", "Show me the {target}."]
 _A_SEG = ["Sure, it is {s}.", "{s}.", "Here is the {l}: {s}.", "The {l} is {s}."]
 _A_SEG_NONE = ["There is no {l} in this image.", "No {l} is visible in this image."]
 _T_BOX = ["Where is the {l}? Answer with a box.", "Give the bounding box of the {l}.", "Locate the {l} in the image.",
@@ -266,10 +268,10 @@ class _Writer:
         for s in self.structures:
             answer = self.pick(_A_SEG).format(s=SEG_TOKEN, l=s.label)
             target = Target(mask=s.path, box=mask_to_box(s.mask), label=s.label)
-            yield self.sample("grounding", self.pick(_T_SEG).format(l=s.label), answer, "open", targets=[target])
+            yield self.sample("grounding", self.pick(_T_SEG).format(target=s.label), answer, "open", targets=[target])
         if self.cfg.negatives and self.absent:
             label = self.pick(self.absent)
-            yield self.sample("grounding", self.pick(_T_SEG).format(l=label), self.pick(_A_SEG_NONE).format(l=label),
+            yield self.sample("grounding", self.pick(_T_SEG).format(target=label), self.pick(_A_SEG_NONE).format(l=label),
                               "open", kind="absent")
 
     def box_grounding(self) -> Iterator[Sample]:

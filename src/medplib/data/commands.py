@@ -14,25 +14,15 @@ from typing import Optional
 import typer
 
 from medplib.data.builder import ALL_TASKS, TASKS, BuildConfig
+from medplib.data.converters import SOURCE_READERS, build_source
 from medplib.data.schema import read_jsonl, write_jsonl
 from medplib.data.stats import format_stats, sample_stats
 from medplib.errors import MedplibError
 
 data_app = typer.Typer(help="Build, check and convert instruction data.", no_args_is_help=True)
 
-
-class Source(str, Enum):
-    sa_med2d = "sa-med2d"
-    kvasir = "kvasir"
-    covid_cxr = "covid-cxr"
-    lvit = "lvit"
-    vqa_rad = "vqa-rad"
-    slake = "slake"
-    pathvqa = "pathvqa"
-    mecovqa = "mecovqa"
-    med_grit = "med-grit"
-    phantoms = "phantoms"
-    volumes = "volumes"
+# --source choices, one per entry of the converters' table ("sa-med2d" -> Source.sa_med2d)
+Source = Enum("Source", {name.replace("-", "_"): name for name in SOURCE_READERS}, type=str)
 
 
 class ExportFormat(str, Enum):
@@ -66,8 +56,6 @@ def build(
     paraphrase_model: str = typer.Option("gpt-4o-mini", help="model name for the paraphrase endpoint"),
 ) -> None:
     """Convert SRC into OUT/samples.jsonl, validate it and print its stats."""
-    from medplib.data.converters import build_source
-
     if src is None and source is not Source.phantoms:
         raise _fail(MedplibError(f"--source {source.value} needs SRC"))
     paraphrase = None

@@ -26,6 +26,7 @@ from medplib.errors import DataValidationError
 IMAGE_TOKEN = "<image>"
 REGION_TOKEN = "<region>"
 SEG_TOKEN = "[SEG]"
+BOX_START_TOKEN, BOX_END_TOKEN = "<box>", "</box>"  # around a Med-GRIT box in answer text
 
 Modality = str  # ct, mr, xray, pet, endoscopy, dermoscopy, fundus, ultrasound, histopathology, ...
 Task = Literal["vqa", "region_vqa", "grounding", "box_grounding", "caption", "report", "icl"]

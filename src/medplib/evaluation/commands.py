@@ -13,17 +13,12 @@ from typing import Optional
 import typer
 
 from medplib.errors import MedplibError
+from medplib.evaluation.benchmarks import BENCHMARK_READERS
 
 
-class Benchmark(str, Enum):
-    vqa_rad = "vqa-rad"
-    kvasir_seg = "kvasir-seg"
-    monuseg_text = "monuseg-text"
-    sa_med2d = "sa-med2d"
-    mecovqa = "mecovqa"
-    med_grit = "med-grit"
-    jsonl = "jsonl"
-    volumes = "volumes"
+# --benchmark choices: the runner's readers' table ("kvasir-seg" -> Benchmark.kvasir_seg), then volumes, which
+# medplib.evaluation.volume_eval scores in 3-D
+Benchmark = Enum("Benchmark", {name.replace("-", "_"): name for name in (*BENCHMARK_READERS, "volumes")}, type=str)
 
 
 class Meteor(str, Enum):

@@ -1,7 +1,7 @@
 """`medplib eval`: a benchmark's test samples -> the model's answers -> prediction records ->
 `run_report` (metrics.json, predictions.jsonl, report.md, per_modality.png, gallery.png).
 
-A benchmark is a converter from `medplib.data.converters` reading the dataset at `data`, a
+A benchmark is a reader (`medplib.evaluation.benchmarks`) of the dataset at `data`, a
 choice of test samples (`select_samples`) and one record per sample (`predict`). Only the first
 exchange of a sample is asked: its question (with its regions) goes to `MedPLIB.generate` and
 the answer is scored against the first reference answer, by task:
@@ -29,24 +29,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, grid_to_box, parse_med_grit, parse_minigpt
-from medplib.data.builder import BuildConfig, Instance, LabelledImage, split_of
-from medplib.data.loading import load_sample
-from medplib.data.masks import rle_encode
-from medplib.data.schema import IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, Sample, Target, Turn, read_jsonl
+from medplib.data.loading import LoadedSample, load_sample
+from medplib.data.schema import IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, Sample
 from medplib.errors import InputError, MedplibError
+from medplib.evaluation.benchmarks import read_benchmark
 from medplib.evaluation.predictions import PredictionStore
 from medplib.evaluation.report import run_report
 
-BENCHMARKS = ("vqa-rad", "kvasir-seg", "monuseg-text", "sa-med2d", "mecovqa", "med-grit", "jsonl")
 SPLITS = ("test", "val", "train", "all")
-SEGMENT_QUESTION = "Please segment the {label}."
-SEGMENT_ANSWER = f"Sure, it is {SEG_TOKEN}."
 # benchmarks whose --data is one file that already is the evaluation set (no split field to filter)
 _FILE_IS_SPLIT = ("mecovqa", "med-grit")
 _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -57,69 +53,6 @@ _RUN_KEYS = ("benchmark", "model_path", "data", "split")
 class EvalSet:
     samples: list[Sample]
     root: Path  # the samples' image and mask paths are relative to it
-
-
-def _grounding_samples(items: Iterable[LabelledImage]) -> Iterator[Sample]:
-    """One "Please segment the {label}." sample per label of each image. The split is the
-    source's, else the group hash that `medplib data build` uses (same seed and fractions), so a
-    model trained on a built file is tested on the images it never saw."""
-    cfg = BuildConfig()
-    for item in items:
-        by_label: dict[str, list[Instance]] = {}
-        for inst in item.instances:
-            if inst.mask.any():
-                by_label.setdefault(inst.label, []).append(inst)
-        stem = Path(item.image).stem
-        group = item.group or stem
-        split = item.split or split_of(group, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-        for label, insts in by_label.items():
-            single = len(insts) == 1 and insts[0].path is not None
-            # several instances of a label are one target: their union, kept in memory as RLE
-            mask = insts[0].path if single else rle_encode(np.logical_or.reduce([i.mask for i in insts]))
-            yield Sample(
-                id=f"{stem}:{label}", image=item.image,
-                conversations=[Turn(role="user", content=SEGMENT_QUESTION.format(label=label)),
-                               Turn(role="assistant", content=SEGMENT_ANSWER)],
-                targets=[Target(mask=mask, label=label)], modality=item.modality, task="grounding",
-                answer_type="open", source=item.source, split=split, group=group,  # type: ignore[arg-type]
-            )
-
-
-def _folder(data: Path) -> Path:
-    return data if data.is_dir() else data.parent
-
-
-def _read(benchmark: str, data: Path, modality: str | None, image_dir: Path | None) -> tuple[Iterable[Sample], Path]:
-    """All samples of the dataset at `data` (every split) and the folder their paths are relative to."""
-    if benchmark == "vqa-rad":
-        from medplib.data.converters.vqa import read_vqa
-
-        root = _folder(data)
-        return read_vqa(data, root, flavor="vqa-rad", image_dir=image_dir), root
-    if benchmark == "kvasir-seg":
-        from medplib.data.converters.kvasir import read_kvasir
-
-        # the box file is not in name order; name order makes --limit pick the same images everywhere
-        return sorted(_grounding_samples(read_kvasir(data, data)), key=lambda s: s.id), data
-    if benchmark == "sa-med2d":
-        from medplib.data.converters.sa_med2d import read_sa_med2d
-
-        return sorted(_grounding_samples(read_sa_med2d(data, data, modality=modality)), key=lambda s: s.id), data
-    if benchmark == "monuseg-text":
-        from medplib.data.converters.lvit import read_lvit
-
-        return read_lvit(data, data, target="nuclei", modality=modality or "histopathology"), data
-    if benchmark == "mecovqa":
-        from medplib.data.converters.mecovqa import read_mecovqa
-
-        return read_mecovqa(data, data.parent, image_dir=image_dir), data.parent
-    if benchmark == "med-grit":
-        from medplib.data.converters.med_grit import read_med_grit
-
-        return read_med_grit(data, data.parent, image_dir=image_dir), data.parent
-    if benchmark == "jsonl":
-        return read_jsonl(data), data.parent
-    raise InputError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
 
 
 def select_samples(benchmark: str, data: str | Path, *, split: str = "test", limit: int | None = None,
@@ -133,7 +66,7 @@ def select_samples(benchmark: str, data: str | Path, *, split: str = "test", lim
     data = Path(data)
     if not data.exists():
         raise InputError(f"{data}: data path not found")
-    samples, root = _read(benchmark, data, modality, Path(image_dir) if image_dir is not None else None)
+    samples, root = read_benchmark(benchmark, data, modality, Path(image_dir) if image_dir is not None else None)
     keep = benchmark in _FILE_IS_SPLIT or split == "all"
     chosen: list[Sample] = []
     for s in samples:
@@ -192,6 +125,15 @@ def _union(masks: Sequence[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
     return np.logical_or.reduce(list(masks)) if masks else np.zeros(hw, dtype=bool)
 
 
+def grounding_masks(loaded: LoadedSample, answer_masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth, prediction) of a grounding answer to the sample's first question: the union of the targets
+    of the first reference's `[SEG]`s and the union of the answer's masks, each all False when there is none."""
+    hw = (int(loaded.image.shape[0]), int(loaded.image.shape[1]))
+    n_seg = loaded.sample.conversations[1].content.count(SEG_TOKEN)
+    targets = [m for m in loaded.target_masks if m is not None][:n_seg]
+    return _union(targets, hw), _union(answer_masks, hw)
+
+
 def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
     """Ask the sample's first question and return its prediction record for `run_report`."""
     loaded = load_sample(sample, root)
@@ -206,9 +148,8 @@ def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
         "question": question.replace(IMAGE_TOKEN, "").strip(), "prediction": answer.text, "reference": reference,
     }
     if task == "grounding":
-        targets = [m for m in loaded.target_masks if m is not None][: reference.count(SEG_TOKEN)]
-        rec.update(gt_mask=_union(targets, hw), pred_mask=_union(answer.masks, hw), n_pred_masks=len(answer.masks),
-                   image=_image_path(sample, root))
+        gt, pred = grounding_masks(loaded, answer.masks)
+        rec.update(gt_mask=gt, pred_mask=pred, n_pred_masks=len(answer.masks), image=_image_path(sample, root))
     elif task == "box_grounding":
         fmt = _box_format(sample)
         rec.update(gt_boxes=text_boxes(reference, fmt, hw[1], hw[0]), pred_boxes=text_boxes(answer.text, fmt, hw[1], hw[0]))

@@ -26,10 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from medplib.data.builder import SEGMENT_QUESTION
 from medplib.errors import InputError
 from medplib.evaluation.volumes import score_volume
-
-SEGMENT_QUESTION = "Please segment the {label}."
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -99,7 +98,7 @@ def run_volume_benchmark(model_path: str | Path, data: str | Path, out: str | Pa
     for case, label in tqdm(jobs, desc="volumes", unit="structure", file=sys.stderr, dynamic_ncols=True):
         start = time.perf_counter()
         predictor.set_volume(case.volume, axis=axis)
-        pred = predictor.ask_volume(SEGMENT_QUESTION.format(label=label), slices="all", postprocess=postprocess,
+        pred = predictor.ask_volume(SEGMENT_QUESTION.format(target=label), slices="all", postprocess=postprocess,
                                     batch_size=batch_size)
         seconds = time.perf_counter() - start
         gt = case.labels.get(label, np.zeros(case.volume.shape, dtype=bool))

@@ -34,11 +34,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, format_med_grit, format_minigpt
+from medplib.data.schema import BOX_START_TOKEN
 from medplib.errors import ConfigError
 
 BoxFormat = Literal["med-grit", "minigpt"]
 
-_FORMATS = {"med-grit": (format_med_grit, MED_GRIT_GRID, "<box>"), "minigpt": (format_minigpt, MINIGPT_GRID, "{")}
+_FORMATS = {"med-grit": (format_med_grit, MED_GRIT_GRID, BOX_START_TOKEN),
+            "minigpt": (format_minigpt, MINIGPT_GRID, "{")}
 _NUM = None  # an item of the body pattern that is a number field, not a literal character
 _INF = float("inf")
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medplib.config import MaskDecoderConfig
-from medplib.model.pixel_encoder import LayerNorm2d, MLPBlock
+from medplib.model.common import LayerNorm2d, MLPBlock
 
 # SAM has 3 multimask tokens + 1 single-mask token. All four attend in the transformer (so dropping the unused
 # three would change mask 0); only token 0 gets a hypernetwork and an IoU output here.

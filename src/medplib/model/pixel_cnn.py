@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medplib.config import PixelEncoderConfig
+from medplib.model.common import LayerNorm2d
 from medplib.model.efficientnet import LEVEL_CHANNELS, EfficientNetLite0
-from medplib.model.pixel_encoder import LayerNorm2d
 
 
 class CNNPixelEncoder(nn.Module):

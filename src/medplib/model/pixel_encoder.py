@@ -14,40 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medplib.config import PixelEncoderConfig
+from medplib.model.common import LayerNorm2d, MLPBlock
 
 # SAM builds its encoder norms with eps=1e-6; SAM-Med2D's adapter norm keeps the LayerNorm default.
 _VIT_NORM_EPS = 1e-6
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel dimension of a (B, C, H, W) map (SAM's `common.LayerNorm2d`)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-class MLPBlock(nn.Module):
-    """Linear -> activation -> Linear (SAM's `common.MLPBlock`; names `lin1`, `lin2`)."""
-
-    def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
-        super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
-        self.act = act()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., embedding_dim) -> (..., embedding_dim)."""
-        return self.lin2(self.act(self.lin1(x)))
 
 
 class Adapter(nn.Module):
