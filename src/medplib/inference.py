@@ -31,7 +31,7 @@ from PIL import Image
 
 from medplib.api import Answer, MedPLIB
 from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
-from medplib.data.images import ImageData, read_image
+from medplib.data.images import as_rgb
 from medplib.data.schema import REGION_TOKEN, Region, Turn
 from medplib.errors import InputError
 from medplib.model.medplib import ImageFeatures
@@ -91,24 +91,6 @@ def with_placeholders(question: str, n_regions: int, history: Sequence[Turn] = (
     if n_regions and not written:
         return question.rstrip() + " " + " ".join([REGION_TOKEN] * n_regions)
     return question
-
-
-def as_rgb(image: Any) -> np.ndarray:
-    """An image as the model sees it: (H, W, 3) uint8 from an array, PIL image, ImageData or path."""
-    if isinstance(image, ImageData):
-        image = image.rgb
-    elif isinstance(image, (str, Path)):
-        image = read_image(image).rgb
-    elif isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if not isinstance(image, np.ndarray):
-        raise InputError(f"expected an image array, PIL image, ImageData or path; got {type(image).__name__}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        raise InputError(f"image must be (H, W, 3) uint8; got {image.dtype} {tuple(image.shape)}")
-    rgb = np.ascontiguousarray(image[:, :, :3])
-    return rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy warns on read-only arrays
 
 
 def _image_key(rgb: np.ndarray) -> str:

@@ -13,7 +13,6 @@ right, so pixel (x, y) of the original maps to (x * s, y * s) with s = S / max(H
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ from PIL import Image, ImageDraw
 from transformers import PreTrainedTokenizerBase
 
 from medplib.config import MedPLIBConfig
+from medplib.data.images import as_rgb
 from medplib.data.loading import LoadedSample
 from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Turn
 from medplib.errors import ConfigError, InputError
@@ -86,26 +86,6 @@ class Encoded:
     examples: list[torch.Tensor] = field(default_factory=list)  # each (3, Sv, Sv): the example prompt images
 
 
-def _as_rgb_array(image: Any) -> np.ndarray:
-    """Accept a file path (PNG/JPG/TIFF/DICOM/NIfTI, via medplib.data.images), a PIL image or an
-    (H, W) / (H, W, 3|4) uint8 array; return (H, W, 3) uint8."""
-    if isinstance(image, (str, Path)):
-        from medplib.data.images import read_image
-
-        return read_image(image).rgb
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if not isinstance(image, np.ndarray):
-        raise InputError(f"expected an image array or PIL image, got {type(image).__name__}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 2 or image.shape[1] < 2:
-        raise InputError(f"image must be (H, W, 3) with H, W >= 2; got shape {tuple(image.shape)}")
-    if image.dtype != np.uint8:
-        raise InputError(f"image must be uint8 RGB (use medplib.data readers for DICOM/NIfTI); got {image.dtype}")
-    return np.ascontiguousarray(image[:, :, :3])
-
-
 def _resize_pad(img: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
     """(3, H, W) float in [0, 1] -> normalised (3, size, size), zero (= mean colour) padding bottom/right."""
     h, w = img.shape[1:]
@@ -138,7 +118,7 @@ class Processor:
 
     # ---------------------------------------------------------------- images
     def prepare_image(self, image: Any) -> ImageInputs:
-        rgb = _as_rgb_array(image)
+        rgb = as_rgb(image)
         t = torch.tensor(rgb).permute(2, 0, 1).float() / 255.0  # a copy: reader arrays may be read-only
         vision, _ = _resize_pad(t, self.config.vision.image_size, self.config.vision.mean, self.config.vision.std)
         pixel, valid = _resize_pad(t, self.config.pixel.image_size, self.config.pixel.mean, self.config.pixel.std)
