@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import KVASIR_QUESTION, kvasir_images
-from medplib.api import Answer
 from medplib.data.boxes import mask_to_box
 from medplib.data.schema import BoxRegion, PointRegion, Turn
 from medplib.errors import InputError
 from medplib.inference import Prediction, Predictor, Query, TextStream, with_placeholders
+from medplib.model.medplib import GenerationOutput
 
 
 def _dice(p: np.ndarray, g: np.ndarray) -> float:
@@ -110,8 +110,8 @@ def test_boxes_in_the_answer_text_are_scaled_to_pixels(predictor: Predictor, ima
     predictor.set_image(img)
     h, w = img.shape[:2]
     eos = predictor.model.tokenizer.eos_token_id
-    monkeypatch.setattr(predictor.model, "generate",
-                        lambda *a, **k: Answer(text="It is at <box>(100,200),(500,1000)</box>.", token_ids=[5, eos]))
+    monkeypatch.setattr(predictor.model.model, "generate", lambda *a, **k: GenerationOutput([5, eos], [], []))
+    monkeypatch.setattr(predictor.model.processor, "decode", lambda ids: "It is at <box>(100,200),(500,1000)</box>.")
     out = predictor.ask("Where is the polyp?")
     assert out.text_boxes == [(100 * w / 1000, 200 * h / 1000, 500 * w / 1000, float(h))]
     assert out.masks == [] and out.boxes == []

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from medplib.config import MedPLIBConfig, preset
+from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
 from medplib.data.schema import Region, Turn
 from medplib.errors import CheckpointError, InputError
 from medplib.model.decoding import DecodeRequest
@@ -32,11 +33,19 @@ CONFIG = "config.json"
 
 @dataclass
 class Answer:
+    """One answer about one image. Masks are (H, W) bool at the original image size, one per `[SEG]`;
+    `boxes[i]` is the pixel-edge (x1, y1, x2, y2) box of `masks[i]` (None for an empty mask) and
+    `scores[i]` its predicted IoU; `text_boxes` are the `<box>` boxes written in the text, scaled from
+    the 0..1000 grid to original pixels."""
+
     text: str
-    masks: list[np.ndarray] = field(default_factory=list)  # (H, W) bool, one per [SEG], original image size
-    scores: list[float] = field(default_factory=list)  # predicted IoU per mask
-    token_ids: list[int] = field(default_factory=list)
-    mask_logits: list[torch.Tensor] = field(default_factory=list)  # (H, W) float
+    masks: list[np.ndarray] = field(default_factory=list)
+    boxes: list[Box | None] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    text_boxes: list[Box] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the answer's tokens, its end token included
+    prompt_tokens: int = 0  # image and in-context example tokens included
+    finish_reason: str = "stop"  # "stop" (end of answer) or "length" (hit max_new_tokens)
 
 
 def _special_ids(tok: Any) -> SpecialIds:
@@ -188,7 +197,7 @@ class MedPLIB:
             )
         finally:
             self.model.train(was_training)
-        return self.answer(out)
+        return self.answer(out, req)
 
     def decode_request(
         self,
@@ -239,17 +248,23 @@ class MedPLIB:
             outs = self.model.generate_batch(list(requests))
         finally:
             self.model.train(was_training)
-        return [o if isinstance(o, Exception) else self.answer(o) for o in outs]
+        return [o if isinstance(o, Exception) else self.answer(o, r) for o, r in zip(outs, requests)]
 
-    def answer(self, out: GenerationOutput) -> Answer:
-        """The model's output as text and (H, W) bool masks."""
-        thr = self.config.mask_threshold
+    def answer(self, out: GenerationOutput, request: DecodeRequest) -> Answer:
+        """The model's output for `request` as text, (H, W) bool masks and boxes in original pixels."""
+        h, w = request.original_hw
+        text = self.processor.decode(out.token_ids)
+        masks = [(m > self.config.mask_threshold).cpu().numpy() for m in out.mask_logits]
+        finished = bool(out.token_ids) and out.token_ids[-1] == self.tokenizer.eos_token_id
         return Answer(
-            text=self.processor.decode(out.token_ids),
-            masks=[(m > thr).cpu().numpy() for m in out.mask_logits],
+            text=text,
+            masks=masks,
+            boxes=[mask_to_box(m) if m.any() else None for m in masks],
             scores=out.scores,
+            text_boxes=[grid_to_box(g, w, h, MED_GRIT_GRID) for g in parse_med_grit(text) if max(g) <= MED_GRIT_GRID],
             token_ids=out.token_ids,
-            mask_logits=out.mask_logits,
+            prompt_tokens=int(request.input_ids.numel()),
+            finish_reason="stop" if finished else "length",
         )
 
 

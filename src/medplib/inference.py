@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 
 from medplib.api import Answer, MedPLIB
-from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
 from medplib.data.images import as_rgb
 from medplib.data.schema import REGION_TOKEN, Region, Turn
 from medplib.errors import InputError
@@ -45,20 +44,12 @@ SEGMENT_TEMPLATE = "Please segment the {target}."  # the MeCoVQA-G / Kvasir grou
 
 
 @dataclass
-class Prediction:
-    """One answer. Masks are (H, W) bool at the original image size; boxes are pixel-edge
-    (x1, y1, x2, y2) in original pixels (`boxes[i]` belongs to `masks[i]`, None for an empty mask;
-    `text_boxes` are the `<box>` boxes written in the answer, scaled from the 0..1000 grid)."""
+class Prediction(Answer):
+    """An Answer from the Predictor, with what it cost: `timings` image_s (what `set_image` spent
+    just before; 0 when the features were reused), generate_s, total_s and tokens_per_s, plus
+    examples_s with in-context examples and batch (its size) from `ask_batch`."""
 
-    text: str
-    masks: list[np.ndarray] = field(default_factory=list)
-    boxes: list[Box | None] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    text_boxes: list[Box] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    finish_reason: str = "stop"  # "stop" (end of answer) or "length" (hit max_new_tokens)
-    timings: dict[str, float] = field(default_factory=dict)  # image_s, generate_s, total_s, tokens_per_s
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +82,14 @@ def with_placeholders(question: str, n_regions: int, history: Sequence[Turn] = (
     if n_regions and not written:
         return question.rstrip() + " " + " ".join([REGION_TOKEN] * n_regions)
     return question
+
+
+def _prediction(ans: Answer, image_s: float, generate_s: float) -> Prediction:
+    """`ans` with its timings: the image's features cost `image_s`, decoding `generate_s`."""
+    n, dt = len(ans.token_ids), generate_s
+    return Prediction(**{f.name: getattr(ans, f.name) for f in fields(Answer)},
+                      timings={"image_s": image_s, "generate_s": dt, "total_s": image_s + dt,
+                               "tokens_per_s": n / dt if dt > 0 else 0.0})
 
 
 def _image_key(rgb: np.ndarray) -> str:
@@ -239,43 +238,22 @@ class Predictor:
         question = with_placeholders(question, len(regions), history)
         with self._lock:
             entry = self._current()
-            on_token = self._on_token(on_text)
             t_ex = time.perf_counter()
             example_feats = self._example_features(examples)
             examples_s = time.perf_counter() - t_ex
-            prompt = self.model.processor.encode_conversation([*history, Turn(role="user", content=question)],
-                                                              add_generation_prompt=True,
-                                                              examples=self.model.count_examples(example_feats))[0]
             t0 = time.perf_counter()
             ans = self.model.generate(
                 None, question, regions, region_arrays, history, features=(entry.image, entry.features),
-                max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature, on_token=on_token,
-                example_features=example_feats,
+                max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature,
+                on_token=self._on_token(on_text), example_features=example_feats,
             )
             dt = time.perf_counter() - t0
             entry.nbytes = _nbytes(entry.image, entry.features)
             image_s, self._image_s = self._image_s, 0.0
-        pred = self._prediction(ans, entry, len(prompt), image_s, dt)
+        pred = _prediction(ans, image_s, dt)
         if examples:
             pred.timings["examples_s"] = examples_s
         return pred
-
-    def _prediction(self, ans: Answer, entry: _Entry, prompt_tokens: int, image_s: float, generate_s: float) -> Prediction:
-        h, w = entry.image.original_hw
-        n = len(ans.token_ids)
-        finished = n > 0 and ans.token_ids[-1] == self.model.tokenizer.eos_token_id
-        dt = generate_s
-        return Prediction(
-            text=ans.text,
-            masks=ans.masks,
-            boxes=[mask_to_box(m) if m.any() else None for m in ans.masks],
-            scores=ans.scores,
-            text_boxes=[grid_to_box(g, w, h, MED_GRIT_GRID) for g in parse_med_grit(ans.text) if max(g) <= MED_GRIT_GRID],
-            token_ids=ans.token_ids,
-            prompt_tokens=prompt_tokens,
-            finish_reason="stop" if finished else "length",
-            timings={"image_s": image_s, "generate_s": dt, "total_s": image_s + dt, "tokens_per_s": n / dt if dt > 0 else 0.0},
-        )
 
     def ask_batch(self, queries: Sequence[Query]) -> list[Prediction | Exception]:
         """Answer several questions, each about its own image with its own regions, history, token
@@ -310,7 +288,7 @@ class Predictor:
                 if isinstance(ans, Exception):
                     out[i] = ans
                     continue
-                pred = self._prediction(ans, entry, int(req.input_ids.numel()), image_s, dt)
+                pred = _prediction(ans, image_s, dt)
                 pred.timings["batch"] = float(len(ready))
                 out[i] = pred
         return out  # type: ignore[return-value]
