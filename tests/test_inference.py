@@ -12,8 +12,9 @@ from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.data.boxes import mask_to_box
 from medplib.data.schema import BoxRegion, PointRegion, Turn
 from medplib.errors import InputError
-from medplib.inference import Prediction, Predictor, Query, TextStream, with_placeholders
+from medplib.inference import Prediction, Predictor, Query, TextStream
 from medplib.model.medplib import GenerationOutput
+from medplib.processing import with_placeholders
 
 
 def _dice(p: np.ndarray, g: np.ndarray) -> float:

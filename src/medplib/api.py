@@ -175,7 +175,8 @@ class MedPLIB:
         examples: Sequence[Any] = (),
         example_features: Sequence[torch.Tensor] | None = None,
     ) -> Answer:
-        """Answer one question about one image; every `[SEG]` in the answer yields a mask.
+        """Answer one question about one image; every `[SEG]` in the answer yields a mask. Regions are
+        in original pixels, one per `<region>` (appended when the conversation has none).
 
         `history` is earlier (user, assistant) turns; `features` lets a caller reuse an image's
         features across questions (see `image_features`). `examples`: in-context (image, mask) pairs
@@ -212,24 +213,16 @@ class MedPLIB:
         on_token: Any = None,
         examples: Sequence[torch.Tensor] = (),
     ) -> DecodeRequest:
-        """One question about an image whose (ImageInputs, ImageFeatures) are given, checked and
-        encoded for the LLM (raises InputError for an empty question or a region count that does not
-        match the `<region>` placeholders). `examples`: the in-context example images' vision features
-        (`example_features`), placed before the image (`Processor.with_examples`)."""
-        if not question.strip():
-            raise InputError("the question is empty")
-        turns = [*history, Turn(role="user", content=question)]
+        """One question about an image whose (ImageInputs, ImageFeatures) are given, encoded for the LLM
+        (`Processor.encode_prompt`, which raises InputError for a bad question or regions). `examples`:
+        the in-context example images' vision features (`example_features`), placed before the image."""
         img, feats = features
-        ids, _ = self.processor.encode_conversation(turns, add_generation_prompt=True,
-                                                    examples=self.count_examples(examples))
-        n_tags = ids.count(self.processor.region_id)
-        if n_tags != len(regions):
-            raise InputError(f"the question has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
-        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
-        region_masks = [self.processor.rasterize_region(r, img.original_hw, a).to(self.device) for r, a in zip(regions, arrays)]
-        return DecodeRequest(torch.tensor(ids, device=self.device), feats, img.pixel_values[None].to(self.device),
-                             region_masks, img.original_hw, img.pixel_valid_hw, max_new_tokens, temperature, None, on_token,
-                             examples=list(examples))
+        prompt = self.processor.encode_prompt(question, img.original_hw, regions, region_arrays, history,
+                                              examples=self.count_examples(examples))
+        dev = self.device
+        return DecodeRequest(prompt.input_ids.to(dev), feats, img.pixel_values[None].to(dev),
+                             [m.to(dev) for m in prompt.region_masks], img.original_hw, img.pixel_valid_hw,
+                             max_new_tokens, temperature, None, on_token, examples=list(examples))
 
     def count_examples(self, example_features: Sequence[torch.Tensor]) -> int:
         """How many examples a list of example prompt-image features holds (1 or 2 images each)."""

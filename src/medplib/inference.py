@@ -27,11 +27,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from medplib.api import Answer, MedPLIB
 from medplib.data.images import as_rgb
-from medplib.data.schema import REGION_TOKEN, Region, Turn
+from medplib.data.schema import Region, Turn
 from medplib.errors import InputError
 from medplib.model.medplib import ImageFeatures
 from medplib.processing import ImageInputs
@@ -73,15 +72,6 @@ class _Entry:
     image: ImageInputs
     features: ImageFeatures
     nbytes: int
-
-
-def with_placeholders(question: str, n_regions: int, history: Sequence[Turn] = ()) -> str:
-    """Append one `<region>` per region when the conversation names none, so a caller may pass
-    regions without writing placeholders; otherwise the text is left as written."""
-    written = question.count(REGION_TOKEN) + sum(t.content.count(REGION_TOKEN) for t in history if t.role == "user")
-    if n_regions and not written:
-        return question.rstrip() + " " + " ".join([REGION_TOKEN] * n_regions)
-    return question
 
 
 def _prediction(ans: Answer, image_s: float, generate_s: float) -> Prediction:
@@ -204,16 +194,7 @@ class Predictor:
     def region_masks(self, regions: Sequence[Region], region_arrays: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
         """The regions as the model sees them, mapped back to (H, W) bool masks of the current
         image (for drawing outlines). Raises InputError for a region outside the image."""
-        entry = self._current()
-        h, w = entry.image.original_hw
-        size = self.model.config.vision.image_size
-        s = size / max(h, w)
-        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
-        out = []
-        for r, a in zip(regions, arrays):
-            small = self.model.processor.rasterize_region(r, (h, w), a).numpy()[: max(1, round(h * s)), : max(1, round(w * s))]
-            out.append(np.asarray(Image.fromarray(small.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0)
-        return out
+        return self.model.processor.region_footprints(regions, region_arrays, self.original_hw)
 
     # ------------------------------------------------------------------ questions
     def ask(
@@ -235,7 +216,6 @@ class Predictor:
         image, encoded per the model's `icl.encoding`; the masks answer for the current image.
         `timings["image_s"]` is what `set_image` spent on this image just before (0 when reused);
         `timings["examples_s"]` what the examples' features cost (0 when all were cached)."""
-        question = with_placeholders(question, len(regions), history)
         with self._lock:
             entry = self._current()
             t_ex = time.perf_counter()
@@ -271,8 +251,7 @@ class Predictor:
                     image_s = self.set_image(q.image)
                     entry = self._current()  # held here: a later image of the batch may evict it from the cache
                     self._image_s = 0.0
-                    question = with_placeholders(q.question, len(q.regions), q.history)
-                    req = self.model.decode_request(question, q.regions, q.region_arrays, q.history,
+                    req = self.model.decode_request(q.question, q.regions, q.region_arrays, q.history,
                                                     features=(entry.image, entry.features), max_new_tokens=q.max_new_tokens,
                                                     temperature=q.temperature, on_token=self._on_token(q.on_text),
                                                     examples=self._example_features(q.examples))

@@ -6,8 +6,14 @@ example images before the query image, each pooled to fewer tokens), image trans
 branches (longest-side resize, normalise, pad bottom/right to a square), region rasterisation
 (point -> square or disc, box -> filled rectangle, polygon/mask -> its shape) and target masks.
 
-Geometry: both branches resize the longest side to their input size S and pad at the bottom and
-right, so pixel (x, y) of the original maps to (x * s, y * s) with s = S / max(H, W) in both.
+Geometry (`fit_longest_side`): both branches resize the longest side to their input size S and pad
+at the bottom and right, so pixel (x, y) of the original maps to (x * s, y * s) with s = S / max(H, W)
+in both.
+
+Inference prompts go through `Processor.encode_prompt` only (MedPLIB, Predictor, server and volumes
+alike): it appends `<region>` placeholders when none are written, places in-context examples,
+encodes the chat and checks the region count (`Processor.region_masks`, shared with training's
+`encode`).
 """
 
 from __future__ import annotations
@@ -86,11 +92,35 @@ class Encoded:
     examples: list[torch.Tensor] = field(default_factory=list)  # each (3, Sv, Sv): the example prompt images
 
 
+@dataclass
+class Prompt:
+    """One inference prompt, checked and encoded (`Processor.encode_prompt`)."""
+
+    input_ids: torch.Tensor  # (T,) long, ending where the assistant's answer begins
+    region_masks: list[torch.Tensor]  # one (Sv, Sv) bool per `<region>`, in order, in the vision input frame
+
+
+def with_placeholders(question: str, n_regions: int, history: Sequence[Turn] = ()) -> str:
+    """Append one `<region>` per region when the conversation names none, so a caller may pass
+    regions without writing placeholders; otherwise the text is left as written."""
+    written = question.count(REGION) + sum(t.content.count(REGION) for t in history if t.role == "user")
+    if n_regions and not written:
+        return question.rstrip() + " " + " ".join([REGION] * n_regions)
+    return question
+
+
+def fit_longest_side(hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int]]:
+    """The resize of both branches: an (H, W) image's longest side to `size`. Returns (s, (h, w)):
+    pixel (x, y) maps to (x * s, y * s), and the resized image is the top-left (h, w) of the padded
+    size x size input."""
+    h, w = hw
+    s = size / max(h, w)
+    return s, (max(1, round(h * s)), max(1, round(w * s)))
+
+
 def _resize_pad(img: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
     """(3, H, W) float in [0, 1] -> normalised (3, size, size), zero (= mean colour) padding bottom/right."""
-    h, w = img.shape[1:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    _, (nh, nw) = fit_longest_side(tuple(img.shape[1:]), size)
     resized = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
     m = torch.tensor(mean).view(3, 1, 1)
     s = torch.tensor(std).view(3, 1, 1)
@@ -131,7 +161,7 @@ class Processor:
         `mask` is the loaded array for a MaskRegion (the schema holds only its reference)."""
         h, w = original_hw
         size = self.config.vision.image_size
-        s = size / max(h, w)
+        s, (nh, nw) = fit_longest_side(original_hw, size)
         canvas = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(canvas)
         if isinstance(region, PointRegion):
@@ -155,7 +185,6 @@ class Processor:
                 raise InputError(f"region mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}")
             if not mask.any():
                 raise InputError("the free-form region mask is empty")
-            nh, nw = max(1, round(h * s)), max(1, round(w * s))
             small = Image.fromarray(mask.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST)
             if not np.asarray(small).any():  # a few-pixel shape can vanish when shrunk: keep its centre
                 ys, xs = np.nonzero(mask)
@@ -167,6 +196,29 @@ class Processor:
         out = torch.from_numpy(np.asarray(canvas, dtype=bool).copy())
         if not out.any():
             raise InputError(f"the {region.kind} region is empty after rasterisation")
+        return out
+
+    def region_masks(self, ids: Sequence[int], regions: Sequence[Region], region_arrays: Sequence[np.ndarray | None] | None,
+                     original_hw: tuple[int, int]) -> list[torch.Tensor]:
+        """The regions of an encoded conversation `ids`, one per `<region>` in order, rasterised (each
+        (Sv, Sv) bool). The one place the region count is checked."""
+        n_tags = list(ids).count(self.region_id)
+        if n_tags != len(regions):
+            raise InputError(f"the conversation has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
+        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
+        return [self.rasterize_region(r, original_hw, a) for r, a in zip(regions, arrays)]
+
+    def region_footprints(self, regions: Sequence[Region], region_arrays: Sequence[np.ndarray | None] | None,
+                          original_hw: tuple[int, int]) -> list[np.ndarray]:
+        """The regions as the model sees them, mapped back to (H, W) bool masks of the image (for
+        drawing outlines). Raises InputError for a region outside the image."""
+        h, w = original_hw
+        _, (nh, nw) = fit_longest_side(original_hw, self.config.vision.image_size)
+        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
+        out = []
+        for r, a in zip(regions, arrays):
+            small = self.rasterize_region(r, original_hw, a).numpy()[:nh, :nw]
+            out.append(np.asarray(Image.fromarray(small.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0)
         return out
 
     @staticmethod
@@ -270,6 +322,30 @@ class Processor:
             raise InputError(f"sequence of {len(expanded)} tokens exceeds the model's {self.config.tokenizer.model_max_length}")
         return expanded, labels
 
+    def encode_prompt(
+        self,
+        question: str,
+        original_hw: tuple[int, int],
+        regions: Sequence[Region] = (),
+        region_arrays: Sequence[np.ndarray | None] | None = None,
+        history: Sequence[Turn] = (),
+        *,
+        examples: int = 0,
+    ) -> Prompt:
+        """A question about an (H, W) = `original_hw` image, after the (user, assistant) turns of
+        `history`, checked and encoded for generation: the one path of every inference caller.
+
+        Regions are in original pixels, one per `<region>` over the conversation (appended to the
+        question when it has none, `with_placeholders`); `examples` in-context examples come before the
+        image (`with_examples`). Raises InputError for an empty question, a region count that does not
+        match the placeholders, a region outside the image, or a prompt past `model_max_length`."""
+        if not question.strip():
+            raise InputError("the question is empty")
+        question = with_placeholders(question, len(regions), history)
+        ids, _ = self.encode_conversation([*history, Turn(role="user", content=question)], add_generation_prompt=True,
+                                          examples=examples)
+        return Prompt(torch.tensor(ids), self.region_masks(ids, regions, region_arrays, original_hw))
+
     # ---------------------------------------------------------------- samples
     def encode(
         self,
@@ -292,11 +368,7 @@ class Processor:
         ids, labels = self.encode_conversation(turns, add_generation_prompt=add_generation_prompt,
                                                examples=len(examples))
         example_pixels = [self.prepare_image(a).vision_pixels for a in self.example_images(examples)]
-        n_tags = ids.count(self.region_id)
-        if n_tags != len(regions):
-            raise InputError(f"the text has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
-        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
-        region_masks = [self.rasterize_region(r, img.original_hw, a) for r, a in zip(regions, arrays)]
+        region_masks = self.region_masks(ids, regions, region_arrays, img.original_hw)
         targets = []
         for m in target_masks:
             if m.shape[:2] != img.original_hw:

@@ -1,8 +1,9 @@
 """The FastAPI app: OpenAI-compatible chat completions (plain and streamed), segmentation, model
 list, health, an image preview for the web page, and the web page itself at `/`.
 
-Every request is checked (API key, body bytes, schema, prompt length in characters, messages,
-regions and tokens, image format and pixels, regions) before it is queued, so bad input costs no
+Every request is checked (API key, body bytes, schema, prompt length in characters, messages and
+regions, image format and pixels, then the prompt as the model will get it: placeholders, regions
+and tokens, `Processor.encode_prompt`) before it is queued, so bad input costs no
 model time and gets a 4xx JSON error; the model runs on one thread behind a bounded queue
 (`worker.py`), which decodes the chat and segment requests waiting for it together, up to
 `max_batch` (padded; greedy answers equal one-at-a-time answers). The OpenAPI schema at `/openapi.json` describes every request body."""
@@ -31,10 +32,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medplib.data.schema import REGION_TOKEN, Region, Turn
+from medplib.data.schema import Region, Turn
 from medplib.errors import InputError, MedplibError
 from medplib.model.decoding import DECODE_MODES
-from medplib.inference import Prediction, Predictor, Query, with_placeholders
+from medplib.inference import Prediction, Predictor, Query
+from medplib.processing import Prompt
 from medplib.serving import schemas
 from medplib.serving.errors import ClientClosed, PromptTooLong, Unauthorized, UnknownModel, error_body, status_of
 from medplib.retrieval.examples import Example
@@ -122,8 +124,6 @@ def chat_turns(messages: list[schemas.Message]) -> tuple[list[Turn], str, str]:
         raise InputError("user and assistant messages must alternate, starting with the user")
     if len(images) != 1:
         raise InputError(f"the conversation needs exactly one image (an image_url part), found {len(images)}")
-    if not turns[-1].content.strip():
-        raise InputError("the question is empty")
     return turns[:-1], turns[-1].content, images[0]
 
 
@@ -167,37 +167,25 @@ class Server:
         if len(regions) > s.max_regions:
             raise PromptTooLong(f"{len(regions)} regions are over the limit of {s.max_regions}")
 
-    def check_context(self, question: str, history: list[Turn], examples: int = 0) -> None:
+    def check_context(self, prompt: Prompt) -> None:
         """The prompt's tokens (image and example tokens included) must leave room for one answer token."""
-        model = self.predictor.model
-        ids, _ = model.processor.encode_conversation([*history, Turn(role="user", content=question)],
-                                                     add_generation_prompt=True, examples=examples)  # raises past model_max_length
-        context = getattr(model.model.llm.config, "max_position_embeddings", None)
-        if context is not None and len(ids) >= context:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens and fills the model's context of {context}")
+        context = getattr(self.predictor.model.model.llm.config, "max_position_embeddings", None)
+        n = prompt.input_ids.numel()
+        if context is not None and n >= context:
+            raise PromptTooLong(f"the prompt has {n} tokens and fills the model's context of {context}")
 
     def job(self, image_url: str, question: str, regions: list[Region], history: list[Turn],
             max_new_tokens: int | None, temperature: float, examples: Sequence[schemas.ExamplePair] = ()) -> Job:
         """Decode and validate everything a request carries (runs off the event loop)."""
         self.check_prompt(question, history, regions)
-        question = with_placeholders(question, len(regions), history)
-        written = question.count(REGION_TOKEN) + sum(t.content.count(REGION_TOKEN) for t in history if t.role == "user")
-        if written != len(regions):
-            raise InputError(f"the conversation has {written} {REGION_TOKEN} placeholders but {len(regions)} regions were given")
-        self.check_context(question, history, len(examples))
         rgb = decode_image(decode_data_url(image_url), self.settings.max_image_pixels)
         checked = examples_of(examples, self.settings.max_image_pixels)
         hw = (int(rgb.shape[0]), int(rgb.shape[1]))
         arrays = region_arrays(regions, hw)
-        for region, array in zip(regions, arrays):
-            self.predictor.model.processor.rasterize_region(region, hw, array)  # raises for a region outside the image
+        # Encoded as the model thread will encode it, so a bad question, region count or region fails here.
+        prompt = self.predictor.model.processor.encode_prompt(question, hw, regions, arrays, history, examples=len(checked))
+        self.check_context(prompt)
         return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature, checked)
-
-    def run(self, job: Job, on_text: Callable[[str], None] | None = None) -> Prediction:
-        """On the model thread."""
-        self.predictor.set_image(job.rgb)
-        return self.predictor.ask(job.question, job.regions, job.arrays, job.history, max_new_tokens=job.max_new_tokens,
-                                  temperature=job.temperature, on_text=on_text, examples=job.examples)
 
     def run_batch(self, items: list[tuple[Job, Callable[[str], None] | None]]) -> list[Prediction | Exception]:
         """On the model thread: (job, text callback) pairs decoded together, one result or exception each."""
