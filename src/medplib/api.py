@@ -154,10 +154,7 @@ class MedPLIB:
         """In-context examples (`medplib.retrieval.examples.Example` or (image, mask) pairs, checked) ->
         the vision features (1, N, Dv) of their prompt images, in prompt order (one per example with the
         overlay encoding, two with `separate`)."""
-        from medplib.retrieval.examples import as_example
-
-        checked = [as_example(e, where=f"example {i + 1}") for i, e in enumerate(examples)]
-        return [self.image_features(a)[1].vision for a in self.processor.example_images(checked)]
+        return [self.image_features(a)[1].vision for a in self.processor.example_images(examples)]
 
     def generate(
         self,

@@ -166,11 +166,8 @@ class Predictor:
     def _example_features(self, examples: Sequence[Any]) -> list[torch.Tensor]:
         """In-context examples (Examples or (image, mask) pairs, checked) -> their prompt images' vision
         features (1, N, Dv), in prompt order, through the per-image cache. The current image stays current."""
-        from medplib.retrieval.examples import as_example
-
-        checked = [as_example(e, where=f"example {i + 1}") for i, e in enumerate(examples)]
         out = []
-        for rgb in self.model.processor.example_images(checked):
+        for rgb in self.model.processor.example_images(examples):
             key = _image_key(rgb)
             entry = self._cache.get(key)
             if entry is None:

@@ -35,7 +35,7 @@ from medplib.errors import ConfigError, InputError
 from medplib.tokenizer import IM_END, IM_START, IMAGE, REGION, SEG
 
 if TYPE_CHECKING:
-    from medplib.retrieval.examples import Example
+    from medplib.retrieval.examples import Example, ExampleInput
 
 IGNORE_INDEX = -100
 
@@ -264,9 +264,7 @@ class Processor:
         turns = list(turns)
         if not examples:
             return turns
-        if examples > self.config.icl.max_examples:
-            raise InputError(f"{examples} in-context examples given; this model takes at most "
-                             f"{self.config.icl.max_examples} (icl.max_examples)")
+        self._check_example_count(examples)
         first = turns[0].content
         found = first.count(IMAGE)
         need = examples * self.config.images_per_example + 1
@@ -379,15 +377,20 @@ class Processor:
             raise InputError(f"the answers hold {n_seg} {SEG} tokens but {len(targets)} target masks were given")
         return Encoded(torch.tensor(ids), torch.tensor(labels), img, region_masks, targets, example_pixels)
 
-    def example_images(self, examples: Sequence["Example"]) -> list[np.ndarray]:
-        """The prompt images of in-context examples, in order: per example its overlay, or its image and
-        then its mask image (config.icl.encoding); each (H, W, 3) uint8."""
-        from medplib.retrieval.examples import encode_example
+    def example_images(self, examples: Sequence["ExampleInput"]) -> list[np.ndarray]:
+        """The prompt images of in-context examples (Examples or (image, mask) pairs, checked; see
+        `retrieval.examples.as_example`), in order: per example its overlay, or its image and then its
+        mask image (config.icl.encoding); each (H, W, 3) uint8."""
+        from medplib.retrieval.examples import as_example, encode_example
 
-        if len(examples) > self.config.icl.max_examples:
-            raise InputError(f"{len(examples)} in-context examples given; this model takes at most "
+        self._check_example_count(len(examples))
+        checked = [as_example(e, where=f"example {i + 1}") for i, e in enumerate(examples)]
+        return [a for ex in checked for a in encode_example(ex, self.config.icl.encoding)]
+
+    def _check_example_count(self, n: int) -> None:
+        if n > self.config.icl.max_examples:
+            raise InputError(f"{n} in-context examples given; this model takes at most "
                              f"{self.config.icl.max_examples} (icl.max_examples)")
-        return [a for ex in examples for a in encode_example(ex, self.config.icl.encoding)]
 
     def encode_loaded(self, loaded: LoadedSample) -> Encoded:
         """A sample from `medplib.data.loading` (the training Dataset's item) -> Encoded."""
