@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KVASIR_QUESTION, kvasir_images
+from conftest import KVASIR_ANSWER, KVASIR_QUESTION, kvasir_images
 from medplib.data.boxes import mask_to_box
 from medplib.data.schema import BoxRegion, PointRegion, Turn
 from medplib.errors import InputError
@@ -72,14 +72,21 @@ def test_second_question_reuses_features_and_gives_the_same_answer(predictor: Pr
     assert again.text == first.text and (again.masks[0] == first.masks[0]).all()
 
 
-def test_stream_yields_text_pieces_then_the_prediction(predictor: Predictor, images: list) -> None:
+def test_stream_yields_only_text_pieces_and_then_gives_the_prediction(predictor: Predictor, images: list) -> None:
     predictor.set_image(images[0][1])
-    items = list(predictor.stream(KVASIR_QUESTION))
-    pieces, final = items[:-1], items[-1]
-    assert isinstance(final, Prediction) and all(isinstance(p, str) for p in pieces)
-    assert len(pieces) >= 3 and "".join(pieces).strip() == final.text
+    stream = predictor.stream(KVASIR_QUESTION)
+    pieces = list(stream)
+    assert len(pieces) >= 3 and all(isinstance(p, str) for p in pieces)
+    final = stream.result()
+    assert isinstance(final, Prediction) and "".join(pieces).strip() == final.text == KVASIR_ANSWER
+    assert list(stream) == []  # ended: iterating again yields nothing
+    early = predictor.stream(KVASIR_QUESTION)
+    assert early.result(timeout=60).text == final.text and "".join(early).strip() == final.text  # pieces kept
+    bad = predictor.stream("   ")
     with pytest.raises(InputError, match="empty"):
-        list(predictor.stream("   "))
+        list(bad)
+    with pytest.raises(InputError, match="empty"):
+        bad.result()
 
 
 def test_ask_many_answers_in_order_sharing_features(predictor: Predictor, images: list) -> None:

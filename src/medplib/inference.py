@@ -6,7 +6,9 @@ the language model's decoding.
     p.set_image(rgb)                               # (H, W, 3) uint8, a PIL image, ImageData or a path
     out = p.ask("Please segment the polyp.")
     out.text, out.masks[0], out.boxes[0], out.timings
-    for piece in p.stream("What is shown?"): ...   # text deltas, then the Prediction
+    stream = p.stream("What is shown?")
+    for piece in stream: ...                       # text deltas (str)
+    stream.result()                                # then the whole Prediction
     out = p.ask("Segment the same structure.", examples=[(ex_rgb, ex_mask)])  # in-context examples
 
 Features are cached by image content (a hash of the pixels) in a small LRU bounded by entries and
@@ -111,6 +113,45 @@ class TextStream:
             return ""
         delta, self._sent = text[self._sent:], len(text)
         return delta
+
+
+class PredictionStream(Iterator[str]):
+    """One answer being decoded: iterating yields its text deltas (str) in order; `result()` waits
+    for the end and returns the Prediction (or raises what decoding raised, as iterating does)."""
+
+    def __init__(self, run: Callable[[Callable[[str], None]], Prediction]):
+        self._pieces: queue.Queue[str | None] = queue.Queue()  # None: decoding has ended
+        self._done = threading.Event()
+        self._prediction: Prediction | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._work, args=(run,), name="medplib-stream", daemon=True).start()
+
+    def _work(self, run: Callable[[Callable[[str], None]], Prediction]) -> None:
+        try:
+            self._prediction = run(self._pieces.put)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._error = exc
+        finally:
+            self._done.set()
+            self._pieces.put(None)
+
+    def __next__(self) -> str:
+        piece = self._pieces.get()
+        if piece is None:
+            self._pieces.put(None)  # a later call ends too
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        return piece
+
+    def result(self, timeout: float | None = None) -> Prediction:
+        """The Prediction once decoding has ended (waits at most `timeout` seconds; None: as long as it takes)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the answer was not finished within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._prediction is not None
+        return self._prediction
 
 
 class Predictor:
@@ -287,27 +328,11 @@ class Predictor:
         """Ground `target` ("polyp", "liver", ...) with the grounding question the model was trained on."""
         return self.ask(SEGMENT_TEMPLATE.format(target=target.strip()), regions, **kwargs)
 
-    def stream(self, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> Iterator[str | Prediction]:
-        """Like `ask`, but yields text deltas as they are decoded, then the Prediction last.
-        Decoding runs on a helper thread; an error there is raised here."""
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-        def work() -> None:
-            try:
-                events.put(("done", self.ask(question, regions, on_text=lambda d: events.put(("text", d)), **kwargs)))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-                events.put(("error", exc))
-
-        threading.Thread(target=work, name="medplib-stream", daemon=True).start()
-        while True:
-            kind, value = events.get()
-            if kind == "text":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                yield value
-                return
+    def stream(self, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> "PredictionStream":
+        """Like `ask`, but the answer's text arrives piece by piece: iterate the returned stream for
+        the text deltas (str) as they are decoded, then read the whole Prediction from its `result()`.
+        Decoding starts at once, on a helper thread; an error there is raised by both."""
+        return PredictionStream(lambda on_text: self.ask(question, regions, on_text=on_text, **kwargs))
 
     def ask_many(self, queries: Sequence[Query], **kwargs: Any) -> list[Prediction]:
         """Answer a batch, in the given order. Questions on the same image share its features
