@@ -16,12 +16,10 @@ import logging
 import secrets
 import time
 import uuid
-import socket
-import threading
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -345,27 +343,3 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, devic
     if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level="info")
-
-
-@contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
-    """Run `app` with uvicorn on a free port of `host` in a thread; yields its base URL and shuts
-    it down on exit (for tests, benchmarks and notebooks)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))  # bound before the thread starts, so the port cannot be taken meanwhile
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="medplib-server", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
