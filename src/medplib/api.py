@@ -21,7 +21,7 @@ import torch
 from medplib.config import MedPLIBConfig, preset
 from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
 from medplib.data.schema import Region, Turn
-from medplib.errors import CheckpointError, InputError
+from medplib.errors import CheckpointError, ConfigError, InputError
 from medplib.model.decoding import DecodeRequest
 from medplib.model.medplib import GenerationOutput, ImageFeatures, MedPLIBModel, SpecialIds
 from medplib.model.weights import DEFAULT_MAX_SHARD_BYTES, INDEX, WEIGHTS, has_weights, load_eager, load_lean, save_weights
@@ -46,6 +46,26 @@ class Answer:
     token_ids: list[int] = field(default_factory=list)  # the answer's tokens, its end token included
     prompt_tokens: int = 0  # image and in-context example tokens included
     finish_reason: str = "stop"  # "stop" (end of answer) or "length" (hit max_new_tokens)
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; a malformed name is a ConfigError."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {str(device)!r} (cpu, cuda, cuda:1, mps, ...)") from None
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse (ConfigError), before any weights are read, a device this torch build or machine lacks."""
+    if device.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ConfigError(f"device '{device}' is not available: this torch build or machine has no {device.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device '{device}' is not available: there are {count} {device.type} device(s)")
 
 
 def _special_ids(tok: Any) -> SpecialIds:
@@ -109,7 +129,9 @@ class MedPLIB:
         folder = Path(folder)
         if not (folder / CONFIG).is_file() or not has_weights(folder):
             raise CheckpointError(f"{folder} is not a medplib model folder (needs {CONFIG} and {WEIGHTS} or {INDEX})")
+        device = parse_device(device)
         load_device, dtype = check_quantize(quantize, device, dtype)
+        check_device(device)
         config = MedPLIBConfig.load(folder / CONFIG)
         tok = load_tokenizer(folder)
         ids = _special_ids(tok)

@@ -202,9 +202,12 @@ def serve(
         sys.exit(2)
     if not (model / "config.json").is_file():
         raise InputError(f"{model} is not a medplib model folder (needs config.json)")
+    from medplib.api import check_device, parse_device
     from medplib.model.quantize import check_quantize
 
-    check_quantize(quantize, device, None)  # a bad --quantize fails here, before the model loads
+    # A bad --device or --quantize fails here, before the model loads.
+    check_quantize(quantize, parse_device(device), None)
+    check_device(parse_device(device))
     from medplib.model.decoding import DECODE_MODES
 
     if decode not in DECODE_MODES or max_batch < 1:  # before the model loads
