@@ -328,7 +328,7 @@ class Predictor:
         """Ground `target` ("polyp", "liver", ...) with the grounding question the model was trained on."""
         return self.ask(SEGMENT_TEMPLATE.format(target=target.strip()), regions, **kwargs)
 
-    def stream(self, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> "PredictionStream":
+    def stream(self, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> PredictionStream:
         """Like `ask`, but the answer's text arrives piece by piece: iterate the returned stream for
         the text deltas (str) as they are decoded, then read the whole Prediction from its `result()`.
         Decoding starts at once, on a helper thread; an error there is raised by both."""

@@ -12,7 +12,7 @@ in both.
 
 Inference prompts go through `Processor.encode_prompt` only (MedPLIB, Predictor, server and volumes
 alike): it appends `<region>` placeholders when none are written, places in-context examples,
-encodes the chat and checks the region count (`Processor.region_masks`, shared with training's
+encodes the chat and checks the region count (`Processor.rasterize_regions`, shared with training's
 `encode`).
 """
 
@@ -198,8 +198,9 @@ class Processor:
             raise InputError(f"the {region.kind} region is empty after rasterisation")
         return out
 
-    def region_masks(self, ids: Sequence[int], regions: Sequence[Region], region_arrays: Sequence[np.ndarray | None] | None,
-                     original_hw: tuple[int, int]) -> list[torch.Tensor]:
+    def rasterize_regions(self, ids: Sequence[int], regions: Sequence[Region],
+                          region_arrays: Sequence[np.ndarray | None] | None, original_hw: tuple[int, int]
+                          ) -> list[torch.Tensor]:
         """The regions of an encoded conversation `ids`, one per `<region>` in order, rasterised (each
         (Sv, Sv) bool). The one place the region count is checked."""
         n_tags = list(ids).count(self.region_id)
@@ -342,7 +343,7 @@ class Processor:
         question = with_placeholders(question, len(regions), history)
         ids, _ = self.encode_conversation([*history, Turn(role="user", content=question)], add_generation_prompt=True,
                                           examples=examples)
-        return Prompt(torch.tensor(ids), self.region_masks(ids, regions, region_arrays, original_hw))
+        return Prompt(torch.tensor(ids), self.rasterize_regions(ids, regions, region_arrays, original_hw))
 
     # ---------------------------------------------------------------- samples
     def encode(
@@ -366,7 +367,7 @@ class Processor:
         ids, labels = self.encode_conversation(turns, add_generation_prompt=add_generation_prompt,
                                                examples=len(examples))
         example_pixels = [self.prepare_image(a).vision_pixels for a in self.example_images(examples)]
-        region_masks = self.region_masks(ids, regions, region_arrays, img.original_hw)
+        region_masks = self.rasterize_regions(ids, regions, region_arrays, img.original_hw)
         targets = []
         for m in target_masks:
             if m.shape[:2] != img.original_hw:
