@@ -177,12 +177,13 @@ class Server:
         """Decode and validate everything a request carries (runs off the event loop)."""
         self.check_prompt(question, history, regions)
         rgb = decode_image(decode_data_url(image_url), self.settings.max_image_pixels)
-        checked = examples_of(examples, self.settings.max_image_pixels)
         hw = (int(rgb.shape[0]), int(rgb.shape[1]))
         arrays = region_arrays(regions, hw)
-        # Encoded as the model thread will encode it, so a bad question, region count or region fails here.
-        prompt = self.predictor.model.processor.encode_prompt(question, hw, regions, arrays, history, examples=len(checked))
+        # Encoded as the model thread will encode it, so a bad question, region count, region or example
+        # count fails here, before the examples' images are decoded.
+        prompt = self.predictor.model.processor.encode_prompt(question, hw, regions, arrays, history, examples=len(examples))
         self.check_context(prompt)
+        checked = examples_of(examples, self.settings.max_image_pixels)
         return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature, checked)
 
     def run_batch(self, items: list[tuple[Job, Callable[[str], None] | None]]) -> list[Prediction | Exception]:
