@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from medplib.inference import Predictor
-from medplib.serving.app import ServerSettings, background_server, create_app
+from medplib.serving.app import ServerSettings, create_app
+from medplib.serving.testing import background_server
 
 QUESTION = "Please segment the polyp."
 REPO = Path(__file__).resolve().parents[1]

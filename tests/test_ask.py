@@ -110,3 +110,45 @@ def test_unwritable_outputs_fail_before_the_model_runs(runner_app: typer.Typer, 
                                               *args])
         # the model path is never read: the output is refused first, naming its option
         assert isinstance(res.exception, InputError) and args[0] in str(res.exception), res.output
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init `tiny` model folder: enough to run `medplib ask` end to end."""
+    from medplib.api import MedPLIB
+
+    return MedPLIB.from_preset("tiny", seed=0).save_pretrained(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_ask_prints_no_library_warnings(tiny_model: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:30, 20:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    run = subprocess.run([sys.executable, "-W", "error::FutureWarning", *MEDPLIB[1:], "ask", str(tmp_path / "img.png"),
+                          "What is <region>?", "--model", str(tiny_model), "--point", "30,20", "--max-new-tokens", "6",
+                          "--example", f"{tmp_path / 'img.png'}:{tmp_path / 'mask.png'}"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "Warning" not in run.stderr and "deprecated" not in run.stderr.lower(), run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("image ")  # only the timings line
+
+
+def test_every_ask_failure_is_one_error_line(tiny_model: Path, tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "img.png")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((tiny_model / name).read_bytes())
+    cases = [
+        ([str(tmp_path / "gone.png"), "What?", "--model", str(tiny_model)], "image file not found"),
+        ([str(tmp_path / "img.png"), "What?", "--model", str(no_tokenizer)], "cannot load tokenizer"),
+        ([str(tmp_path / "img.png"), "What?", "--model", str(tiny_model), "--device", "nope"], "unknown device"),
+    ]
+    for args, words in cases:
+        run = subprocess.run([*MEDPLIB, "ask", *args], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert run.returncode == 2 and run.stdout == "", (args, run.stderr)
+        lines = run.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, run.stderr)

@@ -31,3 +31,12 @@ def test_bad_input_is_one_line_not_a_traceback() -> None:
     assert out.returncode == 2
     assert out.stderr.strip() == "error: unknown preset 'huge' (choose from tiny, small, lite, paper)"
     assert "Traceback" not in out.stderr
+
+
+def test_the_package_exports_its_public_face_without_importing_torch() -> None:
+    code = ("import sys, medplib; assert 'torch' not in sys.modules; "
+            "from medplib import MedPLIB, Predictor, preset; "
+            "from medplib.api import MedPLIB as M; from medplib.inference import Predictor as P; "
+            "assert MedPLIB is M and Predictor is P and preset('tiny').name == 'tiny'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

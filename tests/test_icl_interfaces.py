@@ -118,7 +118,8 @@ def _url(array: np.ndarray) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[str]:
-    from medplib.serving.app import ServerSettings, background_server, create_app
+    from medplib.serving.app import ServerSettings, create_app
+    from medplib.serving.testing import background_server
 
     with background_server(create_app(Predictor.from_pretrained(model_dir), ServerSettings(model_name="tiny"))) as base:
         yield base

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KVASIR_QUESTION, kvasir_images
-from medplib.api import Answer
+from conftest import KVASIR_ANSWER, KVASIR_QUESTION, kvasir_images
 from medplib.data.boxes import mask_to_box
 from medplib.data.schema import BoxRegion, PointRegion, Turn
 from medplib.errors import InputError
-from medplib.inference import Prediction, Predictor, Query, TextStream, with_placeholders
+from medplib.inference import Prediction, Predictor, Query, TextStream
+from medplib.model.medplib import GenerationOutput
+from medplib.processing import with_placeholders
 
 
 def _dice(p: np.ndarray, g: np.ndarray) -> float:
@@ -71,14 +72,21 @@ def test_second_question_reuses_features_and_gives_the_same_answer(predictor: Pr
     assert again.text == first.text and (again.masks[0] == first.masks[0]).all()
 
 
-def test_stream_yields_text_pieces_then_the_prediction(predictor: Predictor, images: list) -> None:
+def test_stream_yields_only_text_pieces_and_then_gives_the_prediction(predictor: Predictor, images: list) -> None:
     predictor.set_image(images[0][1])
-    items = list(predictor.stream(KVASIR_QUESTION))
-    pieces, final = items[:-1], items[-1]
-    assert isinstance(final, Prediction) and all(isinstance(p, str) for p in pieces)
-    assert len(pieces) >= 3 and "".join(pieces).strip() == final.text
+    stream = predictor.stream(KVASIR_QUESTION)
+    pieces = list(stream)
+    assert len(pieces) >= 3 and all(isinstance(p, str) for p in pieces)
+    final = stream.result()
+    assert isinstance(final, Prediction) and "".join(pieces).strip() == final.text == KVASIR_ANSWER
+    assert list(stream) == []  # ended: iterating again yields nothing
+    early = predictor.stream(KVASIR_QUESTION)
+    assert early.result(timeout=60).text == final.text and "".join(early).strip() == final.text  # pieces kept
+    bad = predictor.stream("   ")
     with pytest.raises(InputError, match="empty"):
-        list(predictor.stream("   "))
+        list(bad)
+    with pytest.raises(InputError, match="empty"):
+        bad.result()
 
 
 def test_ask_many_answers_in_order_sharing_features(predictor: Predictor, images: list) -> None:
@@ -110,8 +118,8 @@ def test_boxes_in_the_answer_text_are_scaled_to_pixels(predictor: Predictor, ima
     predictor.set_image(img)
     h, w = img.shape[:2]
     eos = predictor.model.tokenizer.eos_token_id
-    monkeypatch.setattr(predictor.model, "generate",
-                        lambda *a, **k: Answer(text="It is at <box>(100,200),(500,1000)</box>.", token_ids=[5, eos]))
+    monkeypatch.setattr(predictor.model.model, "generate", lambda *a, **k: GenerationOutput([5, eos], [], []))
+    monkeypatch.setattr(predictor.model.processor, "decode", lambda ids: "It is at <box>(100,200),(500,1000)</box>.")
     out = predictor.ask("Where is the polyp?")
     assert out.text_boxes == [(100 * w / 1000, 200 * h / 1000, 500 * w / 1000, float(h))]
     assert out.masks == [] and out.boxes == []

@@ -20,7 +20,8 @@ from pycocotools import mask as coco_mask
 
 from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.inference import Predictor
-from medplib.serving.app import ServerSettings, background_server, create_app
+from medplib.serving.app import ServerSettings, create_app
+from medplib.serving.testing import background_server
 
 KEY = "test-key"
 MODEL = "kvasir-tiny"

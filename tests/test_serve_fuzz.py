@@ -28,7 +28,8 @@ from schemathesis import GenerationMode
 
 from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.inference import Predictor
-from medplib.serving.app import ServerSettings, background_server, create_app
+from medplib.serving.app import ServerSettings, create_app
+from medplib.serving.testing import background_server
 
 KEY = "fuzz-key"
 MODEL = "kvasir-tiny"

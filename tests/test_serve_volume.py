@@ -22,7 +22,8 @@ from medplib.data.dicom_series import read_dicom_series
 from medplib.data.nifti import read_nifti_volume
 from medplib.data.phantoms3d import make_phantom_volume, write_phantom_volume
 from medplib.inference import Predictor
-from medplib.serving.app import ServerSettings, background_server, create_app
+from medplib.serving.app import ServerSettings, create_app
+from medplib.serving.testing import background_server
 
 KEY = "vol-key"
 MAX_BYTES = 1 << 20

@@ -17,7 +17,8 @@ from PIL import Image
 
 from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.inference import Predictor
-from medplib.serving.app import ServerSettings, background_server, create_app
+from medplib.serving.app import ServerSettings, create_app
+from medplib.serving.testing import background_server
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -16,7 +16,8 @@ import pytest
 from conftest import KVASIR_QUESTION
 from medplib.data.phantoms3d import make_phantom_volume, write_phantom_volume
 from medplib.inference import Predictor
-from medplib.serving.app import ServerSettings, background_server, create_app
+from medplib.serving.app import ServerSettings, create_app
+from medplib.serving.testing import background_server
 from medplib.volume_inference import VolumeSlices
 from test_web import CHROMIUM_ARGS, SCREENSHOT_DIR, _chromium
 

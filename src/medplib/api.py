@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from medplib.config import MedPLIBConfig, preset
+from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
 from medplib.data.schema import Region, Turn
-from medplib.errors import CheckpointError, InputError
+from medplib.errors import CheckpointError, ConfigError, InputError
 from medplib.model.decoding import DecodeRequest
 from medplib.model.medplib import GenerationOutput, ImageFeatures, MedPLIBModel, SpecialIds
 from medplib.model.weights import DEFAULT_MAX_SHARD_BYTES, INDEX, WEIGHTS, has_weights, load_eager, load_lean, save_weights
@@ -32,11 +33,39 @@ CONFIG = "config.json"
 
 @dataclass
 class Answer:
+    """One answer about one image. Masks are (H, W) bool at the original image size, one per `[SEG]`;
+    `boxes[i]` is the pixel-edge (x1, y1, x2, y2) box of `masks[i]` (None for an empty mask) and
+    `scores[i]` its predicted IoU; `text_boxes` are the `<box>` boxes written in the text, scaled from
+    the 0..1000 grid to original pixels."""
+
     text: str
-    masks: list[np.ndarray] = field(default_factory=list)  # (H, W) bool, one per [SEG], original image size
-    scores: list[float] = field(default_factory=list)  # predicted IoU per mask
-    token_ids: list[int] = field(default_factory=list)
-    mask_logits: list[torch.Tensor] = field(default_factory=list)  # (H, W) float
+    masks: list[np.ndarray] = field(default_factory=list)
+    boxes: list[Box | None] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    text_boxes: list[Box] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the answer's tokens, its end token included
+    prompt_tokens: int = 0  # image and in-context example tokens included
+    finish_reason: str = "stop"  # "stop" (end of answer) or "length" (hit max_new_tokens)
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; a malformed name is a ConfigError."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {str(device)!r} (cpu, cuda, cuda:1, mps, ...)") from None
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse (ConfigError), before any weights are read, a device this torch build or machine lacks."""
+    if device.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ConfigError(f"device '{device}' is not available: this torch build or machine has no {device.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device '{device}' is not available: there are {count} {device.type} device(s)")
 
 
 def _special_ids(tok: Any) -> SpecialIds:
@@ -100,7 +129,9 @@ class MedPLIB:
         folder = Path(folder)
         if not (folder / CONFIG).is_file() or not has_weights(folder):
             raise CheckpointError(f"{folder} is not a medplib model folder (needs {CONFIG} and {WEIGHTS} or {INDEX})")
+        device = parse_device(device)
         load_device, dtype = check_quantize(quantize, device, dtype)
+        check_device(device)
         config = MedPLIBConfig.load(folder / CONFIG)
         tok = load_tokenizer(folder)
         ids = _special_ids(tok)
@@ -145,10 +176,7 @@ class MedPLIB:
         """In-context examples (`medplib.retrieval.examples.Example` or (image, mask) pairs, checked) ->
         the vision features (1, N, Dv) of their prompt images, in prompt order (one per example with the
         overlay encoding, two with `separate`)."""
-        from medplib.retrieval.examples import as_example
-
-        checked = [as_example(e, where=f"example {i + 1}") for i, e in enumerate(examples)]
-        return [self.image_features(a)[1].vision for a in self.processor.example_images(checked)]
+        return [self.image_features(a)[1].vision for a in self.processor.example_images(examples)]
 
     def generate(
         self,
@@ -166,7 +194,8 @@ class MedPLIB:
         examples: Sequence[Any] = (),
         example_features: Sequence[torch.Tensor] | None = None,
     ) -> Answer:
-        """Answer one question about one image; every `[SEG]` in the answer yields a mask.
+        """Answer one question about one image; every `[SEG]` in the answer yields a mask. Regions are
+        in original pixels, one per `<region>` (appended when the conversation has none).
 
         `history` is earlier (user, assistant) turns; `features` lets a caller reuse an image's
         features across questions (see `image_features`). `examples`: in-context (image, mask) pairs
@@ -188,7 +217,7 @@ class MedPLIB:
             )
         finally:
             self.model.train(was_training)
-        return self.answer(out)
+        return self.answer(out, req)
 
     def decode_request(
         self,
@@ -203,24 +232,16 @@ class MedPLIB:
         on_token: Any = None,
         examples: Sequence[torch.Tensor] = (),
     ) -> DecodeRequest:
-        """One question about an image whose (ImageInputs, ImageFeatures) are given, checked and
-        encoded for the LLM (raises InputError for an empty question or a region count that does not
-        match the `<region>` placeholders). `examples`: the in-context example images' vision features
-        (`example_features`), placed before the image (`Processor.with_examples`)."""
-        if not question.strip():
-            raise InputError("the question is empty")
-        turns = [*history, Turn(role="user", content=question)]
+        """One question about an image whose (ImageInputs, ImageFeatures) are given, encoded for the LLM
+        (`Processor.encode_prompt`, which raises InputError for a bad question or regions). `examples`:
+        the in-context example images' vision features (`example_features`), placed before the image."""
         img, feats = features
-        ids, _ = self.processor.encode_conversation(turns, add_generation_prompt=True,
-                                                    examples=self.count_examples(examples))
-        n_tags = ids.count(self.processor.region_id)
-        if n_tags != len(regions):
-            raise InputError(f"the question has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
-        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
-        region_masks = [self.processor.rasterize_region(r, img.original_hw, a).to(self.device) for r, a in zip(regions, arrays)]
-        return DecodeRequest(torch.tensor(ids, device=self.device), feats, img.pixel_values[None].to(self.device),
-                             region_masks, img.original_hw, img.pixel_valid_hw, max_new_tokens, temperature, None, on_token,
-                             examples=list(examples))
+        prompt = self.processor.encode_prompt(question, img.original_hw, regions, region_arrays, history,
+                                              examples=self.count_examples(examples))
+        dev = self.device
+        return DecodeRequest(prompt.input_ids.to(dev), feats, img.pixel_values[None].to(dev),
+                             [m.to(dev) for m in prompt.region_masks], img.original_hw, img.pixel_valid_hw,
+                             max_new_tokens, temperature, None, on_token, examples=list(examples))
 
     def count_examples(self, example_features: Sequence[torch.Tensor]) -> int:
         """How many examples a list of example prompt-image features holds (1 or 2 images each)."""
@@ -239,17 +260,23 @@ class MedPLIB:
             outs = self.model.generate_batch(list(requests))
         finally:
             self.model.train(was_training)
-        return [o if isinstance(o, Exception) else self.answer(o) for o in outs]
+        return [o if isinstance(o, Exception) else self.answer(o, r) for o, r in zip(outs, requests)]
 
-    def answer(self, out: GenerationOutput) -> Answer:
-        """The model's output as text and (H, W) bool masks."""
-        thr = self.config.mask_threshold
+    def answer(self, out: GenerationOutput, request: DecodeRequest) -> Answer:
+        """The model's output for `request` as text, (H, W) bool masks and boxes in original pixels."""
+        h, w = request.original_hw
+        text = self.processor.decode(out.token_ids)
+        masks = [(m > self.config.mask_threshold).cpu().numpy() for m in out.mask_logits]
+        finished = bool(out.token_ids) and out.token_ids[-1] == self.tokenizer.eos_token_id
         return Answer(
-            text=self.processor.decode(out.token_ids),
-            masks=[(m > thr).cpu().numpy() for m in out.mask_logits],
+            text=text,
+            masks=masks,
+            boxes=[mask_to_box(m) if m.any() else None for m in masks],
             scores=out.scores,
+            text_boxes=[grid_to_box(g, w, h, MED_GRIT_GRID) for g in parse_med_grit(text) if max(g) <= MED_GRIT_GRID],
             token_ids=out.token_ids,
-            mask_logits=out.mask_logits,
+            prompt_tokens=int(request.input_ids.numel()),
+            finish_reason="stop" if finished else "length",
         )
 
 

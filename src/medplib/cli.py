@@ -112,7 +112,8 @@ def main() -> None:
     try:
         app()
     except MedplibError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        # One line however many the message has: a library's own message (transformers') may have several.
+        typer.echo("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), err=True)
         sys.exit(2)
 
 

@@ -6,7 +6,9 @@ the language model's decoding.
     p.set_image(rgb)                               # (H, W, 3) uint8, a PIL image, ImageData or a path
     out = p.ask("Please segment the polyp.")
     out.text, out.masks[0], out.boxes[0], out.timings
-    for piece in p.stream("What is shown?"): ...   # text deltas, then the Prediction
+    stream = p.stream("What is shown?")
+    for piece in stream: ...                       # text deltas (str)
+    stream.result()                                # then the whole Prediction
     out = p.ask("Segment the same structure.", examples=[(ex_rgb, ex_mask)])  # in-context examples
 
 Features are cached by image content (a hash of the pixels) in a small LRU bounded by entries and
@@ -21,19 +23,17 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from medplib.api import Answer, MedPLIB
-from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
 from medplib.data.builder import SEGMENT_QUESTION as SEGMENT_TEMPLATE
-from medplib.data.images import ImageData, read_image
-from medplib.data.schema import REGION_TOKEN, Region, Turn
+from medplib.data.images import as_rgb
+from medplib.data.schema import Region, Turn
 from medplib.errors import InputError
 from medplib.model.medplib import ImageFeatures
 from medplib.processing import ImageInputs
@@ -44,20 +44,12 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Prediction:
-    """One answer. Masks are (H, W) bool at the original image size; boxes are pixel-edge
-    (x1, y1, x2, y2) in original pixels (`boxes[i]` belongs to `masks[i]`, None for an empty mask;
-    `text_boxes` are the `<box>` boxes written in the answer, scaled from the 0..1000 grid)."""
+class Prediction(Answer):
+    """An Answer from the Predictor, with what it cost: `timings` image_s (what `set_image` spent
+    just before; 0 when the features were reused), generate_s, total_s and tokens_per_s, plus
+    examples_s with in-context examples and batch (its size) from `ask_batch`."""
 
-    text: str
-    masks: list[np.ndarray] = field(default_factory=list)
-    boxes: list[Box | None] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    text_boxes: list[Box] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    finish_reason: str = "stop"  # "stop" (end of answer) or "length" (hit max_new_tokens)
-    timings: dict[str, float] = field(default_factory=dict)  # image_s, generate_s, total_s, tokens_per_s
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,31 +75,12 @@ class _Entry:
     nbytes: int
 
 
-def with_placeholders(question: str, n_regions: int, history: Sequence[Turn] = ()) -> str:
-    """Append one `<region>` per region when the conversation names none, so a caller may pass
-    regions without writing placeholders; otherwise the text is left as written."""
-    written = question.count(REGION_TOKEN) + sum(t.content.count(REGION_TOKEN) for t in history if t.role == "user")
-    if n_regions and not written:
-        return question.rstrip() + " " + " ".join([REGION_TOKEN] * n_regions)
-    return question
-
-
-def as_rgb(image: Any) -> np.ndarray:
-    """An image as the model sees it: (H, W, 3) uint8 from an array, PIL image, ImageData or path."""
-    if isinstance(image, ImageData):
-        image = image.rgb
-    elif isinstance(image, (str, Path)):
-        image = read_image(image).rgb
-    elif isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if not isinstance(image, np.ndarray):
-        raise InputError(f"expected an image array, PIL image, ImageData or path; got {type(image).__name__}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        raise InputError(f"image must be (H, W, 3) uint8; got {image.dtype} {tuple(image.shape)}")
-    rgb = np.ascontiguousarray(image[:, :, :3])
-    return rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy warns on read-only arrays
+def _prediction(ans: Answer, image_s: float, generate_s: float) -> Prediction:
+    """`ans` with its timings: the image's features cost `image_s`, decoding `generate_s`."""
+    n, dt = len(ans.token_ids), generate_s
+    return Prediction(**{f.name: getattr(ans, f.name) for f in fields(Answer)},
+                      timings={"image_s": image_s, "generate_s": dt, "total_s": image_s + dt,
+                               "tokens_per_s": n / dt if dt > 0 else 0.0})
 
 
 def _image_key(rgb: np.ndarray) -> str:
@@ -139,6 +112,45 @@ class TextStream:
             return ""
         delta, self._sent = text[self._sent:], len(text)
         return delta
+
+
+class PredictionStream(Iterator[str]):
+    """One answer being decoded: iterating yields its text deltas (str) in order; `result()` waits
+    for the end and returns the Prediction (or raises what decoding raised, as iterating does)."""
+
+    def __init__(self, run: Callable[[Callable[[str], None]], Prediction]):
+        self._pieces: queue.Queue[str | None] = queue.Queue()  # None: decoding has ended
+        self._done = threading.Event()
+        self._prediction: Prediction | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._work, args=(run,), name="medplib-stream", daemon=True).start()
+
+    def _work(self, run: Callable[[Callable[[str], None]], Prediction]) -> None:
+        try:
+            self._prediction = run(self._pieces.put)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._error = exc
+        finally:
+            self._done.set()
+            self._pieces.put(None)
+
+    def __next__(self) -> str:
+        piece = self._pieces.get()
+        if piece is None:
+            self._pieces.put(None)  # a later call ends too
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        return piece
+
+    def result(self, timeout: float | None = None) -> Prediction:
+        """The Prediction once decoding has ended (waits at most `timeout` seconds; None: as long as it takes)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the answer was not finished within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._prediction is not None
+        return self._prediction
 
 
 class Predictor:
@@ -194,11 +206,8 @@ class Predictor:
     def _example_features(self, examples: Sequence[Any]) -> list[torch.Tensor]:
         """In-context examples (Examples or (image, mask) pairs, checked) -> their prompt images' vision
         features (1, N, Dv), in prompt order, through the per-image cache. The current image stays current."""
-        from medplib.retrieval.examples import as_example
-
-        checked = [as_example(e, where=f"example {i + 1}") for i, e in enumerate(examples)]
         out = []
-        for rgb in self.model.processor.example_images(checked):
+        for rgb in self.model.processor.example_images(examples):
             key = _image_key(rgb)
             entry = self._cache.get(key)
             if entry is None:
@@ -222,16 +231,7 @@ class Predictor:
     def region_masks(self, regions: Sequence[Region], region_arrays: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
         """The regions as the model sees them, mapped back to (H, W) bool masks of the current
         image (for drawing outlines). Raises InputError for a region outside the image."""
-        entry = self._current()
-        h, w = entry.image.original_hw
-        size = self.model.config.vision.image_size
-        s = size / max(h, w)
-        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
-        out = []
-        for r, a in zip(regions, arrays):
-            small = self.model.processor.rasterize_region(r, (h, w), a).numpy()[: max(1, round(h * s)), : max(1, round(w * s))]
-            out.append(np.asarray(Image.fromarray(small.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0)
-        return out
+        return self.model.processor.region_footprints(regions, region_arrays, self.original_hw)
 
     # ------------------------------------------------------------------ questions
     def ask(
@@ -253,46 +253,24 @@ class Predictor:
         image, encoded per the model's `icl.encoding`; the masks answer for the current image.
         `timings["image_s"]` is what `set_image` spent on this image just before (0 when reused);
         `timings["examples_s"]` what the examples' features cost (0 when all were cached)."""
-        question = with_placeholders(question, len(regions), history)
         with self._lock:
             entry = self._current()
-            on_token = self._on_token(on_text)
             t_ex = time.perf_counter()
             example_feats = self._example_features(examples)
             examples_s = time.perf_counter() - t_ex
-            prompt = self.model.processor.encode_conversation([*history, Turn(role="user", content=question)],
-                                                              add_generation_prompt=True,
-                                                              examples=self.model.count_examples(example_feats))[0]
             t0 = time.perf_counter()
             ans = self.model.generate(
                 None, question, regions, region_arrays, history, features=(entry.image, entry.features),
-                max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature, on_token=on_token,
-                example_features=example_feats,
+                max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature,
+                on_token=self._on_token(on_text), example_features=example_feats,
             )
             dt = time.perf_counter() - t0
             entry.nbytes = _nbytes(entry.image, entry.features)
             image_s, self._image_s = self._image_s, 0.0
-        pred = self._prediction(ans, entry, len(prompt), image_s, dt)
+        pred = _prediction(ans, image_s, dt)
         if examples:
             pred.timings["examples_s"] = examples_s
         return pred
-
-    def _prediction(self, ans: Answer, entry: _Entry, prompt_tokens: int, image_s: float, generate_s: float) -> Prediction:
-        h, w = entry.image.original_hw
-        n = len(ans.token_ids)
-        finished = n > 0 and ans.token_ids[-1] == self.model.tokenizer.eos_token_id
-        dt = generate_s
-        return Prediction(
-            text=ans.text,
-            masks=ans.masks,
-            boxes=[mask_to_box(m) if m.any() else None for m in ans.masks],
-            scores=ans.scores,
-            text_boxes=[grid_to_box(g, w, h, MED_GRIT_GRID) for g in parse_med_grit(ans.text) if max(g) <= MED_GRIT_GRID],
-            token_ids=ans.token_ids,
-            prompt_tokens=prompt_tokens,
-            finish_reason="stop" if finished else "length",
-            timings={"image_s": image_s, "generate_s": dt, "total_s": image_s + dt, "tokens_per_s": n / dt if dt > 0 else 0.0},
-        )
 
     def ask_batch(self, queries: Sequence[Query]) -> list[Prediction | Exception]:
         """Answer several questions, each about its own image with its own regions, history, token
@@ -310,8 +288,7 @@ class Predictor:
                     image_s = self.set_image(q.image)
                     entry = self._current()  # held here: a later image of the batch may evict it from the cache
                     self._image_s = 0.0
-                    question = with_placeholders(q.question, len(q.regions), q.history)
-                    req = self.model.decode_request(question, q.regions, q.region_arrays, q.history,
+                    req = self.model.decode_request(q.question, q.regions, q.region_arrays, q.history,
                                                     features=(entry.image, entry.features), max_new_tokens=q.max_new_tokens,
                                                     temperature=q.temperature, on_token=self._on_token(q.on_text),
                                                     examples=self._example_features(q.examples))
@@ -327,7 +304,7 @@ class Predictor:
                 if isinstance(ans, Exception):
                     out[i] = ans
                     continue
-                pred = self._prediction(ans, entry, int(req.input_ids.numel()), image_s, dt)
+                pred = _prediction(ans, image_s, dt)
                 pred.timings["batch"] = float(len(ready))
                 out[i] = pred
         return out  # type: ignore[return-value]
@@ -350,27 +327,11 @@ class Predictor:
         """Ground `target` ("polyp", "liver", ...) with the grounding question the model was trained on."""
         return self.ask(SEGMENT_TEMPLATE.format(target=target.strip()), regions, **kwargs)
 
-    def stream(self, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> Iterator[str | Prediction]:
-        """Like `ask`, but yields text deltas as they are decoded, then the Prediction last.
-        Decoding runs on a helper thread; an error there is raised here."""
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-        def work() -> None:
-            try:
-                events.put(("done", self.ask(question, regions, on_text=lambda d: events.put(("text", d)), **kwargs)))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-                events.put(("error", exc))
-
-        threading.Thread(target=work, name="medplib-stream", daemon=True).start()
-        while True:
-            kind, value = events.get()
-            if kind == "text":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                yield value
-                return
+    def stream(self, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> PredictionStream:
+        """Like `ask`, but the answer's text arrives piece by piece: iterate the returned stream for
+        the text deltas (str) as they are decoded, then read the whole Prediction from its `result()`.
+        Decoding starts at once, on a helper thread; an error there is raised by both."""
+        return PredictionStream(lambda on_text: self.ask(question, regions, on_text=on_text, **kwargs))
 
     def ask_many(self, queries: Sequence[Query], **kwargs: Any) -> list[Prediction]:
         """Answer a batch, in the given order. Questions on the same image share its features

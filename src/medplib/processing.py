@@ -6,14 +6,19 @@ example images before the query image, each pooled to fewer tokens), image trans
 branches (longest-side resize, normalise, pad bottom/right to a square), region rasterisation
 (point -> square or disc, box -> filled rectangle, polygon/mask -> its shape) and target masks.
 
-Geometry: both branches resize the longest side to their input size S and pad at the bottom and
-right, so pixel (x, y) of the original maps to (x * s, y * s) with s = S / max(H, W) in both.
+Geometry (`fit_longest_side`): both branches resize the longest side to their input size S and pad
+at the bottom and right, so pixel (x, y) of the original maps to (x * s, y * s) with s = S / max(H, W)
+in both.
+
+Inference prompts go through `Processor.encode_prompt` only (MedPLIB, Predictor, server and volumes
+alike): it appends `<region>` placeholders when none are written, places in-context examples,
+encodes the chat and checks the region count (`Processor.rasterize_regions`, shared with training's
+`encode`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -23,13 +28,14 @@ from PIL import Image, ImageDraw
 from transformers import PreTrainedTokenizerBase
 
 from medplib.config import MedPLIBConfig
+from medplib.data.images import as_rgb
 from medplib.data.loading import LoadedSample
 from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Turn
 from medplib.errors import ConfigError, InputError
 from medplib.tokenizer import IM_END, IM_START, IMAGE, REGION, SEG
 
 if TYPE_CHECKING:
-    from medplib.retrieval.examples import Example
+    from medplib.retrieval.examples import Example, ExampleInput
 
 IGNORE_INDEX = -100
 
@@ -86,31 +92,35 @@ class Encoded:
     examples: list[torch.Tensor] = field(default_factory=list)  # each (3, Sv, Sv): the example prompt images
 
 
-def _as_rgb_array(image: Any) -> np.ndarray:
-    """Accept a file path (PNG/JPG/TIFF/DICOM/NIfTI, via medplib.data.images), a PIL image or an
-    (H, W) / (H, W, 3|4) uint8 array; return (H, W, 3) uint8."""
-    if isinstance(image, (str, Path)):
-        from medplib.data.images import read_image
+@dataclass
+class Prompt:
+    """One inference prompt, checked and encoded (`Processor.encode_prompt`)."""
 
-        return read_image(image).rgb
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if not isinstance(image, np.ndarray):
-        raise InputError(f"expected an image array or PIL image, got {type(image).__name__}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 2 or image.shape[1] < 2:
-        raise InputError(f"image must be (H, W, 3) with H, W >= 2; got shape {tuple(image.shape)}")
-    if image.dtype != np.uint8:
-        raise InputError(f"image must be uint8 RGB (use medplib.data readers for DICOM/NIfTI); got {image.dtype}")
-    return np.ascontiguousarray(image[:, :, :3])
+    input_ids: torch.Tensor  # (T,) long, ending where the assistant's answer begins
+    region_masks: list[torch.Tensor]  # one (Sv, Sv) bool per `<region>`, in order, in the vision input frame
+
+
+def with_placeholders(question: str, n_regions: int, history: Sequence[Turn] = ()) -> str:
+    """Append one `<region>` per region when the conversation names none, so a caller may pass
+    regions without writing placeholders; otherwise the text is left as written."""
+    written = question.count(REGION) + sum(t.content.count(REGION) for t in history if t.role == "user")
+    if n_regions and not written:
+        return question.rstrip() + " " + " ".join([REGION] * n_regions)
+    return question
+
+
+def fit_longest_side(hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int]]:
+    """The resize of both branches: an (H, W) image's longest side to `size`. Returns (s, (h, w)):
+    pixel (x, y) maps to (x * s, y * s), and the resized image is the top-left (h, w) of the padded
+    size x size input."""
+    h, w = hw
+    s = size / max(h, w)
+    return s, (max(1, round(h * s)), max(1, round(w * s)))
 
 
 def _resize_pad(img: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
     """(3, H, W) float in [0, 1] -> normalised (3, size, size), zero (= mean colour) padding bottom/right."""
-    h, w = img.shape[1:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    _, (nh, nw) = fit_longest_side(tuple(img.shape[1:]), size)
     resized = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
     m = torch.tensor(mean).view(3, 1, 1)
     s = torch.tensor(std).view(3, 1, 1)
@@ -138,7 +148,7 @@ class Processor:
 
     # ---------------------------------------------------------------- images
     def prepare_image(self, image: Any) -> ImageInputs:
-        rgb = _as_rgb_array(image)
+        rgb = as_rgb(image)
         t = torch.tensor(rgb).permute(2, 0, 1).float() / 255.0  # a copy: reader arrays may be read-only
         vision, _ = _resize_pad(t, self.config.vision.image_size, self.config.vision.mean, self.config.vision.std)
         pixel, valid = _resize_pad(t, self.config.pixel.image_size, self.config.pixel.mean, self.config.pixel.std)
@@ -151,7 +161,7 @@ class Processor:
         `mask` is the loaded array for a MaskRegion (the schema holds only its reference)."""
         h, w = original_hw
         size = self.config.vision.image_size
-        s = size / max(h, w)
+        s, (nh, nw) = fit_longest_side(original_hw, size)
         canvas = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(canvas)
         if isinstance(region, PointRegion):
@@ -175,7 +185,6 @@ class Processor:
                 raise InputError(f"region mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}")
             if not mask.any():
                 raise InputError("the free-form region mask is empty")
-            nh, nw = max(1, round(h * s)), max(1, round(w * s))
             small = Image.fromarray(mask.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST)
             if not np.asarray(small).any():  # a few-pixel shape can vanish when shrunk: keep its centre
                 ys, xs = np.nonzero(mask)
@@ -187,6 +196,30 @@ class Processor:
         out = torch.from_numpy(np.asarray(canvas, dtype=bool).copy())
         if not out.any():
             raise InputError(f"the {region.kind} region is empty after rasterisation")
+        return out
+
+    def rasterize_regions(self, ids: Sequence[int], regions: Sequence[Region],
+                          region_arrays: Sequence[np.ndarray | None] | None, original_hw: tuple[int, int]
+                          ) -> list[torch.Tensor]:
+        """The regions of an encoded conversation `ids`, one per `<region>` in order, rasterised (each
+        (Sv, Sv) bool). The one place the region count is checked."""
+        n_tags = list(ids).count(self.region_id)
+        if n_tags != len(regions):
+            raise InputError(f"the conversation has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
+        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
+        return [self.rasterize_region(r, original_hw, a) for r, a in zip(regions, arrays)]
+
+    def region_footprints(self, regions: Sequence[Region], region_arrays: Sequence[np.ndarray | None] | None,
+                          original_hw: tuple[int, int]) -> list[np.ndarray]:
+        """The regions as the model sees them, mapped back to (H, W) bool masks of the image (for
+        drawing outlines). Raises InputError for a region outside the image."""
+        h, w = original_hw
+        _, (nh, nw) = fit_longest_side(original_hw, self.config.vision.image_size)
+        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
+        out = []
+        for r, a in zip(regions, arrays):
+            small = self.rasterize_region(r, original_hw, a).numpy()[:nh, :nw]
+            out.append(np.asarray(Image.fromarray(small.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0)
         return out
 
     @staticmethod
@@ -232,9 +265,7 @@ class Processor:
         turns = list(turns)
         if not examples:
             return turns
-        if examples > self.config.icl.max_examples:
-            raise InputError(f"{examples} in-context examples given; this model takes at most "
-                             f"{self.config.icl.max_examples} (icl.max_examples)")
+        self._check_example_count(examples)
         first = turns[0].content
         found = first.count(IMAGE)
         need = examples * self.config.images_per_example + 1
@@ -290,6 +321,30 @@ class Processor:
             raise InputError(f"sequence of {len(expanded)} tokens exceeds the model's {self.config.tokenizer.model_max_length}")
         return expanded, labels
 
+    def encode_prompt(
+        self,
+        question: str,
+        original_hw: tuple[int, int],
+        regions: Sequence[Region] = (),
+        region_arrays: Sequence[np.ndarray | None] | None = None,
+        history: Sequence[Turn] = (),
+        *,
+        examples: int = 0,
+    ) -> Prompt:
+        """A question about an (H, W) = `original_hw` image, after the (user, assistant) turns of
+        `history`, checked and encoded for generation: the one path of every inference caller.
+
+        Regions are in original pixels, one per `<region>` over the conversation (appended to the
+        question when it has none, `with_placeholders`); `examples` in-context examples come before the
+        image (`with_examples`). Raises InputError for an empty question, a region count that does not
+        match the placeholders, a region outside the image, or a prompt past `model_max_length`."""
+        if not question.strip():
+            raise InputError("the question is empty")
+        question = with_placeholders(question, len(regions), history)
+        ids, _ = self.encode_conversation([*history, Turn(role="user", content=question)], add_generation_prompt=True,
+                                          examples=examples)
+        return Prompt(torch.tensor(ids), self.rasterize_regions(ids, regions, region_arrays, original_hw))
+
     # ---------------------------------------------------------------- samples
     def encode(
         self,
@@ -312,11 +367,7 @@ class Processor:
         ids, labels = self.encode_conversation(turns, add_generation_prompt=add_generation_prompt,
                                                examples=len(examples))
         example_pixels = [self.prepare_image(a).vision_pixels for a in self.example_images(examples)]
-        n_tags = ids.count(self.region_id)
-        if n_tags != len(regions):
-            raise InputError(f"the text has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
-        arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
-        region_masks = [self.rasterize_region(r, img.original_hw, a) for r, a in zip(regions, arrays)]
+        region_masks = self.rasterize_regions(ids, regions, region_arrays, img.original_hw)
         targets = []
         for m in target_masks:
             if m.shape[:2] != img.original_hw:
@@ -327,15 +378,20 @@ class Processor:
             raise InputError(f"the answers hold {n_seg} {SEG} tokens but {len(targets)} target masks were given")
         return Encoded(torch.tensor(ids), torch.tensor(labels), img, region_masks, targets, example_pixels)
 
-    def example_images(self, examples: Sequence["Example"]) -> list[np.ndarray]:
-        """The prompt images of in-context examples, in order: per example its overlay, or its image and
-        then its mask image (config.icl.encoding); each (H, W, 3) uint8."""
-        from medplib.retrieval.examples import encode_example
+    def example_images(self, examples: Sequence["ExampleInput"]) -> list[np.ndarray]:
+        """The prompt images of in-context examples (Examples or (image, mask) pairs, checked; see
+        `retrieval.examples.as_example`), in order: per example its overlay, or its image and then its
+        mask image (config.icl.encoding); each (H, W, 3) uint8."""
+        from medplib.retrieval.examples import as_example, encode_example
 
-        if len(examples) > self.config.icl.max_examples:
-            raise InputError(f"{len(examples)} in-context examples given; this model takes at most "
+        self._check_example_count(len(examples))
+        checked = [as_example(e, where=f"example {i + 1}") for i, e in enumerate(examples)]
+        return [a for ex in checked for a in encode_example(ex, self.config.icl.encoding)]
+
+    def _check_example_count(self, n: int) -> None:
+        if n > self.config.icl.max_examples:
+            raise InputError(f"{n} in-context examples given; this model takes at most "
                              f"{self.config.icl.max_examples} (icl.max_examples)")
-        return [a for ex in examples for a in encode_example(ex, self.config.icl.encoding)]
 
     def encode_loaded(self, loaded: LoadedSample) -> Encoded:
         """A sample from `medplib.data.loading` (the training Dataset's item) -> Encoded."""

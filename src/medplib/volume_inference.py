@@ -319,8 +319,6 @@ def ask_volume(predictor: "Predictor", vs: VolumeSlices, question: str, regions:
 
     from medplib.inference import Query
 
-    if not question.strip():
-        raise InputError("the question is empty")
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     postprocess_mask(np.zeros((1, 1, 1), dtype=bool), postprocess, 0)  # refuse unknown steps before any work
@@ -337,6 +335,10 @@ def ask_volume(predictor: "Predictor", vs: VolumeSlices, question: str, regions:
         candidates = list(range(vs.n))
     chosen = _chosen(slices, vs, candidates, bool(vols))
     reference = chosen[len(chosen) // 2] if chosen else candidates[len(candidates) // 2]
+    # The prompt as the reference slice gets it, checked before any slice is asked (every slice's
+    # prompt differs only in where its regions lie).
+    ref_prompts = [_slice_region(r, vs.view(v, reference)) for r, v in zip(regions, vols)]
+    predictor.model.processor.encode_prompt(question, vs.hw, [p for p, _ in ref_prompts], [a for _, a in ref_prompts])
 
     views: dict[int, np.ndarray] = {}
     scores = np.full(vs.n, np.nan, dtype=np.float32)

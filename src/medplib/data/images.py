@@ -169,3 +169,26 @@ def image_size(ref: str | Path, root: str | Path = ".") -> tuple[int, int]:
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt files
             raise InputError(f"{path}: cannot read image ({exc})") from None
     return read_image(ref, root).size
+
+
+def as_rgb(image: Any) -> np.ndarray:
+    """Any image a caller may hand the model -> (H, W, 3) uint8, C-contiguous and writeable.
+
+    Accepts an ImageData, a file path (as `read_image`, `#options` allowed), a PIL image or an
+    (H, W) / (H, W, 3|4) uint8 array (grey is repeated, alpha dropped); H, W >= 2."""
+    if isinstance(image, (str, Path)):
+        image = read_image(image)
+    if isinstance(image, ImageData):
+        image = image.rgb
+    elif isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"expected an image array, PIL image, ImageData or path; got {type(image).__name__}")
+    if image.ndim == 2:
+        image = grey_to_rgb(image)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 2 or image.shape[1] < 2:
+        raise InputError(f"image must be (H, W, 3) with H, W >= 2; got shape {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        raise InputError(f"image must be uint8 RGB (use medplib.data readers for DICOM/NIfTI); got {image.dtype}")
+    rgb = np.ascontiguousarray(image[:, :, :3])
+    return rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy warns on read-only arrays

@@ -19,7 +19,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from medplib.data.images import grey_to_rgb, read_image
+from medplib.data.images import as_rgb, grey_to_rgb, read_image
 from medplib.data.masks import read_mask
 from medplib.data.schema import MaskRef
 from medplib.errors import ConfigError, InputError
@@ -79,7 +79,7 @@ ExampleInput = Union[Example, tuple[Any, Any]]  # an Example or an (image, mask)
 
 def as_example(item: ExampleInput, *, where: str = "example") -> Example:
     """An Example as given, or an (image, mask) pair checked into one: the image an (H, W[, 3]) uint8
-    array, a PIL image or a file path; the mask an (H, W) bool/integer array or a mask file path (with
+    array, a PIL image, an ImageData or a file path (`as_rgb`); the mask an (H, W) bool/integer array or a mask file path (with
     the readers' `#options`). Raises InputError naming `where` (and the files) for a missing file, a
     size mismatch, an empty mask or anything that is not such a pair."""
     if isinstance(item, Example):
@@ -91,9 +91,8 @@ def as_example(item: ExampleInput, *, where: str = "example") -> Example:
         return load_example(image, str(mask))
     if isinstance(image, (str, Path)):
         where = f"{where} {image}"
-        image = read_image(image).rgb
-    elif isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        image = as_rgb(image)  # a file (its errors name it), PIL image or ImageData; arrays are checked below
     if isinstance(mask, (str, Path)):
         where = f"{where} (mask {mask})"
         mask = read_mask(str(mask))

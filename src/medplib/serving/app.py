@@ -1,8 +1,9 @@
 """The FastAPI app: OpenAI-compatible chat completions (plain and streamed), segmentation, model
 list, health, an image preview for the web page, and the web page itself at `/`.
 
-Every request is checked (API key, body bytes, schema, prompt length in characters, messages,
-regions and tokens, image format and pixels, regions) before it is queued, so bad input costs no
+Every request is checked (API key, body bytes, schema, prompt length in characters, messages and
+regions, image format and pixels, then the prompt as the model will get it: placeholders, regions
+and tokens, `Processor.encode_prompt`) before it is queued, so bad input costs no
 model time and gets a 4xx JSON error; the model runs on one thread behind a bounded queue
 (`worker.py`), which decodes the chat and segment requests waiting for it together, up to
 `max_batch` (padded; greedy answers equal one-at-a-time answers). The OpenAPI schema at `/openapi.json` describes every request body."""
@@ -15,12 +16,10 @@ import logging
 import secrets
 import time
 import uuid
-import socket
-import threading
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -31,10 +30,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medplib.data.schema import REGION_TOKEN, Region, Turn
+from medplib.data.schema import Region, Turn
 from medplib.errors import InputError, MedplibError
 from medplib.model.decoding import DECODE_MODES
-from medplib.inference import Prediction, Predictor, Query, with_placeholders
+from medplib.inference import Prediction, Predictor, Query
+from medplib.processing import Prompt
 from medplib.serving import schemas
 from medplib.serving.errors import ClientClosed, PromptTooLong, Unauthorized, UnknownModel, error_body, status_of
 from medplib.retrieval.examples import Example
@@ -122,8 +122,6 @@ def chat_turns(messages: list[schemas.Message]) -> tuple[list[Turn], str, str]:
         raise InputError("user and assistant messages must alternate, starting with the user")
     if len(images) != 1:
         raise InputError(f"the conversation needs exactly one image (an image_url part), found {len(images)}")
-    if not turns[-1].content.strip():
-        raise InputError("the question is empty")
     return turns[:-1], turns[-1].content, images[0]
 
 
@@ -167,37 +165,26 @@ class Server:
         if len(regions) > s.max_regions:
             raise PromptTooLong(f"{len(regions)} regions are over the limit of {s.max_regions}")
 
-    def check_context(self, question: str, history: list[Turn], examples: int = 0) -> None:
+    def check_context(self, prompt: Prompt) -> None:
         """The prompt's tokens (image and example tokens included) must leave room for one answer token."""
-        model = self.predictor.model
-        ids, _ = model.processor.encode_conversation([*history, Turn(role="user", content=question)],
-                                                     add_generation_prompt=True, examples=examples)  # raises past model_max_length
-        context = getattr(model.model.llm.config, "max_position_embeddings", None)
-        if context is not None and len(ids) >= context:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens and fills the model's context of {context}")
+        context = getattr(self.predictor.model.model.llm.config, "max_position_embeddings", None)
+        n = prompt.input_ids.numel()
+        if context is not None and n >= context:
+            raise PromptTooLong(f"the prompt has {n} tokens and fills the model's context of {context}")
 
     def job(self, image_url: str, question: str, regions: list[Region], history: list[Turn],
             max_new_tokens: int | None, temperature: float, examples: Sequence[schemas.ExamplePair] = ()) -> Job:
         """Decode and validate everything a request carries (runs off the event loop)."""
         self.check_prompt(question, history, regions)
-        question = with_placeholders(question, len(regions), history)
-        written = question.count(REGION_TOKEN) + sum(t.content.count(REGION_TOKEN) for t in history if t.role == "user")
-        if written != len(regions):
-            raise InputError(f"the conversation has {written} {REGION_TOKEN} placeholders but {len(regions)} regions were given")
-        self.check_context(question, history, len(examples))
         rgb = decode_image(decode_data_url(image_url), self.settings.max_image_pixels)
-        checked = examples_of(examples, self.settings.max_image_pixels)
         hw = (int(rgb.shape[0]), int(rgb.shape[1]))
         arrays = region_arrays(regions, hw)
-        for region, array in zip(regions, arrays):
-            self.predictor.model.processor.rasterize_region(region, hw, array)  # raises for a region outside the image
+        # Encoded as the model thread will encode it, so a bad question, region count, region or example
+        # count fails here, before the examples' images are decoded.
+        prompt = self.predictor.model.processor.encode_prompt(question, hw, regions, arrays, history, examples=len(examples))
+        self.check_context(prompt)
+        checked = examples_of(examples, self.settings.max_image_pixels)
         return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature, checked)
-
-    def run(self, job: Job, on_text: Callable[[str], None] | None = None) -> Prediction:
-        """On the model thread."""
-        self.predictor.set_image(job.rgb)
-        return self.predictor.ask(job.question, job.regions, job.arrays, job.history, max_new_tokens=job.max_new_tokens,
-                                  temperature=job.temperature, on_text=on_text, examples=job.examples)
 
     def run_batch(self, items: list[tuple[Job, Callable[[str], None] | None]]) -> list[Prediction | Exception]:
         """On the model thread: (job, text callback) pairs decoded together, one result or exception each."""
@@ -357,27 +344,3 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, devic
     if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level="info")
-
-
-@contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
-    """Run `app` with uvicorn on a free port of `host` in a thread; yields its base URL and shuts
-    it down on exit (for tests, benchmarks and notebooks)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))  # bound before the thread starts, so the port cannot be taken meanwhile
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="medplib-server", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()

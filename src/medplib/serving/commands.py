@@ -104,7 +104,7 @@ def ask(
     from medplib.data.images import read_image
     from medplib.data.masks import read_mask_image, rle_encode, write_mask_png
     from medplib.data.schema import BoxRegion, MaskRegion, PointRegion
-    from medplib.inference import Prediction, Predictor
+    from medplib.inference import Predictor
     from medplib.outputs import prepare_outputs
     from medplib.visualize import overlay
 
@@ -136,15 +136,12 @@ def ask(
     if as_json:
         pred = predictor.ask(question, regions, arrays, max_new_tokens=max_new_tokens, examples=examples)
     else:
-        pred = None
-        for piece in predictor.stream(question, regions, region_arrays=arrays, max_new_tokens=max_new_tokens,
-                                      examples=examples):
-            if isinstance(piece, Prediction):
-                pred = piece
-            else:
-                typer.echo(piece, nl=False)
+        stream = predictor.stream(question, regions, region_arrays=arrays, max_new_tokens=max_new_tokens,
+                                  examples=examples)
+        for piece in stream:
+            typer.echo(piece, nl=False)
         typer.echo("")
-    assert pred is not None
+        pred = stream.result()
 
     written: list[str] = []
     if mask_out is not None:
@@ -205,9 +202,12 @@ def serve(
         sys.exit(2)
     if not (model / "config.json").is_file():
         raise InputError(f"{model} is not a medplib model folder (needs config.json)")
+    from medplib.api import check_device, parse_device
     from medplib.model.quantize import check_quantize
 
-    check_quantize(quantize, device, None)  # a bad --quantize fails here, before the model loads
+    # A bad --device or --quantize fails here, before the model loads.
+    check_quantize(quantize, parse_device(device), None)
+    check_device(parse_device(device))
     from medplib.model.decoding import DECODE_MODES
 
     if decode not in DECODE_MODES or max_batch < 1:  # before the model loads
