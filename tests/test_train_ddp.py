@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from medplib.api import MedPLIB
 from medplib.data.phantoms import make_phantom
 from medplib.data.schema import Sample, Turn, write_jsonl
-from medplib.model.medplib import IGNORE_INDEX as IGNORE
+from medplib.model.losses import IGNORE_INDEX as IGNORE
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3

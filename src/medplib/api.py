@@ -155,14 +155,7 @@ class MedPLIB:
 
     def collate(self, items: Sequence[Encoded]) -> dict[str, Any]:
         """A training batch on the model's device."""
-        batch = self.processor.collate(items)
-        dev = self.device
-        for key in ("input_ids", "labels", "attention_mask", "vision_pixels", "pixel_values"):
-            batch[key] = batch[key].to(dev)
-        batch["region_masks"] = [[m.to(dev) for m in ms] for ms in batch["region_masks"]]
-        batch["target_masks"] = [[m.to(dev) for m in ms] for ms in batch["target_masks"]]
-        batch["example_pixels"] = [p.to(dev) for p in batch["example_pixels"]]
-        return batch
+        return self.processor.to_device(self.processor.collate(items), self.device)
 
     def image_features(self, image: Any) -> tuple[Any, ImageFeatures]:
         """Prepare an image and compute its vision features (the pixel embedding comes lazily)."""

@@ -32,12 +32,12 @@ from medplib.data.images import as_rgb
 from medplib.data.loading import LoadedSample
 from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Turn
 from medplib.errors import ConfigError, InputError
+from medplib.model.losses import IGNORE_INDEX
 from medplib.tokenizer import IM_END, IM_START, IMAGE, REGION, SEG
 
 if TYPE_CHECKING:
     from medplib.retrieval.examples import Example, ExampleInput
 
-IGNORE_INDEX = -100
 
 # The text that introduces one in-context example, per encoding (config.icl.encoding); the query image
 # follows all examples. Training (data.builder's icl task) and inference share it through this module.
@@ -425,6 +425,17 @@ class Processor:
             "example_pixels": [torch.stack(e.examples) if e.examples else e.image.vision_pixels.new_zeros(
                 (0, *e.image.vision_pixels.shape)) for e in items],
         }
+
+    @staticmethod
+    def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+        """A `collate` batch with every tensor on `device` (the per-sample lists too); a new dict."""
+        out = dict(batch)
+        for key in ("input_ids", "labels", "attention_mask", "vision_pixels", "pixel_values"):
+            out[key] = batch[key].to(device)
+        for key in ("region_masks", "target_masks"):
+            out[key] = [[m.to(device) for m in ms] for ms in batch[key]]
+        out["example_pixels"] = [p.to(device) for p in batch["example_pixels"]]
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         """Answer text; `[SEG]` is kept (it marks where a mask was produced), `</s>` and padding dropped."""

@@ -1,9 +1,12 @@
-"""Mask losses on logits at the original image resolution (published MedPLIB/LISA definitions)."""
+"""Mask losses on logits at the original image resolution (published MedPLIB/LISA definitions), and
+the label that carries no text loss."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # a label position without loss (torch's cross_entropy default); the Processor writes it
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from medplib.model import packaged
 from medplib.model.decoding import MIN_SAMPLING_TEMPERATURE, DecodeRequest, generate_batch
 from medplib.model.decoding import masks as decoding_masks
 from medplib.model.efficientnet import load_imagenet
-from medplib.model.losses import bce_loss, dice_loss, focal_loss, soft_iou
+from medplib.model.losses import IGNORE_INDEX, bce_loss, dice_loss, focal_loss, soft_iou
 from medplib.model.mask_decoder import MaskDecoder, postprocess_masks
 from medplib.model.moe import LOSS_NAMES, RoutingInputs, moe_layers, recompute_context, replace_mlps_with_moe, routing
 from medplib.model.pixel_cnn import CNNPixelEncoder
@@ -32,8 +32,6 @@ from medplib.model.pixel_encoder import PixelEncoder
 from medplib.model.regions import RegionEncoder
 from medplib.model.sam_checkpoint import load_sam_checkpoint
 from medplib.model.vision import VisionTower, build_projector
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

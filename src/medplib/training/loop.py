@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from medplib.api import MedPLIB
 from medplib.model.moe import moe_layers
+from medplib.processing import Processor
 from medplib.training.build import build_model
 from medplib.training.checkpoint import (latest_checkpoint, load_checkpoint, load_engine_checkpoint, save_checkpoint,
                                          save_engine_checkpoint)
@@ -41,17 +42,6 @@ from medplib.training.trainable import merge_lora
 
 PARTS = ("loss", *LOSS_PARTS)  # the columns of metrics.jsonl
 MODEL_DIR = "model"
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = dict(batch)
-    for key in ("input_ids", "labels", "attention_mask", "vision_pixels", "pixel_values"):
-        out[key] = batch[key].to(device)
-    out["region_masks"] = [[m.to(device) for m in ms] for ms in batch["region_masks"]]
-    out["target_masks"] = [[m.to(device) for m in ms] for ms in batch["target_masks"]]
-    if "example_pixels" in batch:
-        out["example_pixels"] = [p.to(device) for p in batch["example_pixels"]]
-    return out
 
 
 def _routing_shares(layers: list[Any], reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, list[float]]:
@@ -225,7 +215,7 @@ class StageRunner:
                 if batch is None:  # every sample of this micro-batch was bad: a zero loss keeps DDP in step
                     acc.backward(sum((p * 0).sum() for p in self.params))
                 else:
-                    loss, parts = self.loss_step(_to_device(batch, acc.device))
+                    loss, parts = self.loss_step(Processor.to_device(batch, acc.device))
                     acc.backward(loss)
                     sums += torch.tensor([float(loss.detach())] + [float(parts[k].detach()) for k in PARTS[1:]])
                     n_samples += batch["input_ids"].shape[0]
