@@ -31,7 +31,8 @@ JOBS = {
     "imports": "import medplib.model.convert, transformers",
     "to_published": "from medplib.model.convert import medplib_to_published as f; "
                     "f('{src}', '{pub}', max_shard_bytes=512 * 2**20, log=lambda s: None)",
-    "to_medplib": "from medplib.model.convert import published_to_medplib as f; f('{pub}', '{back}', log=lambda s: None)",
+    "to_medplib": "from medplib.model.convert import published_to_medplib as f; "
+                  "f('{pub}', '{back}', log=lambda s: None)",
     # The baseline: every shard in memory at once, then one save.
     "load_all": "import json; from safetensors.torch import load_file, save_file; "
                 "idx = json.load(open('{pub}/model.safetensors.index.json')); sd = {{}}; "
@@ -82,7 +83,8 @@ def main() -> None:
         result[job] = run(job, **paths)
     floor = result["imports"]["peak_rss_gb"]
     for job in ("to_published", "to_medplib", "load_all"):
-        result[job]["above_imports_per_weight_byte"] = round((result[job]["peak_rss_gb"] - floor) / result["weights_gb"], 3)
+        above = (result[job]["peak_rss_gb"] - floor) / result["weights_gb"]
+        result[job]["above_imports_per_weight_byte"] = round(above, 3)
     print(json.dumps(result, indent=2))
 
 

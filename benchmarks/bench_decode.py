@@ -94,7 +94,8 @@ def bench_preset(name: str, tokens: int, repeats: int, modes: list[str], int8: b
                  **{f"{mode}{'' if w == FP32 else '_int8'}_over_fp32_eager": round(speed[(m, w, mode)] / base, 2)
                     for m, w, mode in configs if m == mlp and (w, mode) != (FP32, "eager")})
     emit(bench="moe_over_dense", preset=name,
-         **{f"{mode}{'' if w == FP32 else '_int8'}_time_ratio": round(best[("moe", w, mode)] / best[("dense", w, mode)], 3)
+         **{f"{mode}{'' if w == FP32 else '_int8'}_time_ratio":
+            round(best[("moe", w, mode)] / best[("dense", w, mode)], 3)
             for m, w, mode in configs if m == "dense"})
 
 

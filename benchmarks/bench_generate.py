@@ -47,7 +47,8 @@ def main() -> None:
             rows[cache] = n / seconds
             print(json.dumps({"bench": "generate", "preset": name, "kv_cache": cache, "tokens": n,
                               "seconds": round(seconds, 4), "tokens_per_s": round(n / seconds, 1)}))
-        print(json.dumps({"bench": "generate", "preset": name, "speedup_cache_on_over_off": round(rows[True] / rows[False], 2)}))
+        print(json.dumps({"bench": "generate", "preset": name,
+                          "speedup_cache_on_over_off": round(rows[True] / rows[False], 2)}))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def main() -> None:
         gt = read_mask(q.mask, q.root)
         predictor.set_image(rgb)
 
-        def run(mode: str, question: str, examples: list) -> None:
+        def run(mode: str, question: str, examples: list, gt: np.ndarray = gt) -> None:
             pred = predictor.ask(question, examples=examples, max_new_tokens=args.max_new_tokens)
             scores.setdefault(mode, []).append(dice(pred.masks[0] if pred.masks else None, gt))
 

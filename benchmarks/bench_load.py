@@ -86,7 +86,8 @@ def main() -> None:
         return
     if args.rewrite or not (args.folder / "config.json").is_file():
         # Written in its own process: building the fp32 model to write it peaks too.
-        subprocess.run([sys.executable, __file__, "--child", "write", "--folder", str(args.folder), "--dtype", args.dtype,
+        subprocess.run([sys.executable, __file__, "--child", "write", "--folder", str(args.folder),
+                        "--dtype", args.dtype,
                         "--llm-layers", str(args.llm_layers), "--vision-layers", str(args.vision_layers),
                         "--shard-gb", str(args.shard_gb)], check=True)
     files = sorted(args.folder.glob("*.safetensors"))
@@ -94,11 +95,13 @@ def main() -> None:
                       "file_gb": round(sum(f.stat().st_size for f in files) / 1e9, 3)}))
     rows = {}
     for loader in ("eager", "lean"):
-        out = subprocess.run([sys.executable, __file__, "--child", loader, "--folder", str(args.folder), "--dtype", args.dtype],
+        out = subprocess.run([sys.executable, __file__, "--child", loader, "--folder", str(args.folder),
+                              "--dtype", args.dtype],
                              check=True, capture_output=True, text=True)
         rows[loader] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(rows[loader]))
-    print(json.dumps({"bench": "load", "eager_peak_over_lean_peak": round(rows["eager"]["peak_rss_gb"] / rows["lean"]["peak_rss_gb"], 2),
+    print(json.dumps({"bench": "load",
+                      "eager_peak_over_lean_peak": round(rows["eager"]["peak_rss_gb"] / rows["lean"]["peak_rss_gb"], 2),
                       "lean_peak_rss_over_weights": rows["lean"]["peak_rss_over_weights"],
                       "eager_peak_rss_over_weights": rows["eager"]["peak_rss_over_weights"]}))
 

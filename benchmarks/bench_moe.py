@@ -37,7 +37,6 @@ from medplib.model.moe import MoEMLP, moe_layers, set_sync_free
 from medplib.training.build import upcycle
 from medplib.training.recipe import UpcycleSection
 
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -1,8 +1,10 @@
 """Real-data quality of a CPU preset's pipeline (`--preset lite` or `small`) on a CPU budget. Prints JSON
 lines. Not a CI test.
 
-    python benchmarks/bench_quality.py vqa-rad --preset lite --data ../shared/data/vqa_rad --steps 20,300 --work runs/q_vqarad
-    python benchmarks/bench_quality.py kvasir --preset lite --data ../shared/data/kvasir_seg --steps 10,20,400,40 --work runs/q_kvasir
+    python benchmarks/bench_quality.py vqa-rad --preset lite --data ../shared/data/vqa_rad --steps 20,300 \
+        --work runs/q_vqarad
+    python benchmarks/bench_quality.py kvasir --preset lite --data ../shared/data/kvasir_seg --steps 10,20,400,40 \
+        --work runs/q_kvasir
 
 vqa-rad: stages I and II (VQA-RAD has no masks, so no grounding expert and no MoE) on the train
 split; on the test split, side by side: the model with the real image, the same model with a blank
@@ -29,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from medplib.api import MedPLIB
+from medplib.config import preset as get_preset
 from medplib.data.loading import load_sample
 from medplib.data.schema import IMAGE_TOKEN, read_jsonl
 from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.vqa import normalize_medplib
 from medplib.training.loop import train
-from medplib.config import preset as get_preset
 from medplib.training.pipeline import STAGES, default_recipes_dir, preset_settings, run_pipeline, stage_overrides
 from medplib.training.recipe import load_recipe
 
@@ -83,7 +85,10 @@ def blind_baseline(train_qa: list[tuple[str, str]], test_qa: list[tuple[str, str
     clf = LogisticRegression(max_iter=2000, C=10.0).fit(x, y)
     pred = clf.predict(vec.transform([q for q, _, _ in test_qa]))
     majority = Counter(y).most_common(1)[0][0]
-    return {**_score(list(pred), test_qa, "blind_tfidf_logreg"), **_score([majority] * len(test_qa), test_qa, "majority")}
+    return {
+        **_score(list(pred), test_qa, "blind_tfidf_logreg"),
+        **_score([majority] * len(test_qa), test_qa, "majority"),
+    }
 
 
 def _score(pred: list[str], test_qa: list[tuple[str, str, str]], name: str) -> dict[str, float]:
@@ -113,7 +118,8 @@ def vqa_rad(preset: str, src: Path, work: Path, steps: list[int], extra: dict[st
         q = s.conversations[0].content.replace(IMAGE_TOKEN, "").strip()
         real.append(m.generate(loaded.image, q, max_new_tokens=12).text)
         blank.append(m.generate(np.zeros_like(loaded.image), q, max_new_tokens=12).text)
-    print(json.dumps({"bench": "vqa_rad", "preset": preset, "steps": steps, "extra": extra, "wall_minutes": round((time.time() - start) / 60, 1),
+    print(json.dumps({"bench": "vqa_rad", "preset": preset, "steps": steps, "extra": extra,
+                      "wall_minutes": round((time.time() - start) / 60, 1),
                       "cpu_minutes": round(_cpu_minutes(), 1), **_score(real, test_qa, "model_image"),
                       **_score(blank, test_qa, "model_blank_image")}), flush=True)
 
@@ -136,7 +142,10 @@ def kvasir(preset: str, src: Path, work: Path, steps: list[int], extra: dict[str
     data = _build("kvasir", src, work / "data")
     test = [s for s in read_jsonl(data / "samples.jsonl") if s.split == "test" and s.task == "grounding"]
     start = time.time()
-    train_wall = lambda: round((time.time() - start - _EVAL["wall"]) / 60, 1)  # noqa: E731
+
+    def train_wall() -> float:
+        return round((time.time() - start - _EVAL["wall"]) / 60, 1)
+
     # Stages I-III first, so that the dense grounding expert is measured before stage IV starts.
     _train_stages(preset, STAGES[:3], data, work, steps, extra)
     report(work / "run" / "stage3" / "model", "stage3_dense_grounding_expert", data, test, device,

@@ -65,8 +65,9 @@ def child(folder: Path, quantize: str | None, data: Path, n_images: int, tokens:
     texts = [m.generate(img, q).text for img in images for q in QUESTIONS]
     masks = []
     for img in images:
-        item = m.processor.encode(img, [Turn(role="user", content=GROUNDING[0]), Turn(role="assistant", content=GROUNDING[1])],
-                                  target_masks=[np.zeros(img.shape[:2], bool)])  # the target only feeds the loss
+        turns = [Turn(role="user", content=GROUNDING[0]), Turn(role="assistant", content=GROUNDING[1])]
+        # the target only feeds the loss
+        item = m.processor.encode(img, turns, target_masks=[np.zeros(img.shape[:2], bool)])
         with torch.no_grad():
             masks.append((m.model(**m.collate([item])).mask_logits[0][0] > m.config.mask_threshold).numpy())
     # Speed like for like: no id ends the answer, so both variants decode exactly `tokens` tokens.
@@ -106,9 +107,11 @@ def main() -> None:
         return
     if args.child:
         folder, q, out = args.child
-        print(json.dumps(child(Path(folder), None if q == "none" else q, args.data, args.images, args.tokens, args.repeats, Path(out))))
+        print(json.dumps(child(Path(folder), None if q == "none" else q, args.data, args.images, args.tokens,
+                               args.repeats, Path(out))))
         return
-    common = ["--images", str(args.images), "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--data", str(args.data)]
+    common = ["--images", str(args.images), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+              "--data", str(args.data)]
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             folder = args.folder / preset

@@ -93,16 +93,18 @@ def engine_check(work: Path, config: str) -> None:
         kill_at = out / "checkpoints" / "step_00000002" / "state.json" if kill else None
         proc = _launch([*cmd, *args, f"output_dir={out}"], env, kill_at)
         setup = next((ln for ln in proc.stdout.splitlines() if "accumulation" in ln), "")
+        resumed = re.findall(r"resuming at step (\d+)", proc.stdout)
         losses[name] = [round(r["loss"], 5) for r in _rows(out)] if proc.returncode == 0 else None
         print(json.dumps({"bench": "engine_check", "config": config, "run": name, "returncode": proc.returncode,
                           "setup": setup[setup.find("(") + 1: setup.rfind(")")] if setup else None,
-                          "resumed_from_step": int(resumed[0]) if (resumed := re.findall(r"resuming at step (\d+)", proc.stdout)) else None,
+                          "resumed_from_step": int(resumed[0]) if resumed else None,
                           "losses": losses[name], "model_saved": (out / "model" / "model.safetensors").is_file(),
                           "stderr_tail": proc.stderr[-400:] if proc.returncode and not kill else ""}), flush=True)
     weights = {name: load_file(str(work / name / "model" / "model.safetensors"))
                for name in ("engine", "plain") if (work / name / "model" / "model.safetensors").is_file()}
     if len(weights) == 2:  # the final model gathered from the engine's shards against the plain run's
-        diff = max(float((weights["engine"][k].float() - weights["plain"][k].float()).abs().max()) for k in weights["plain"])
+        diff = max(float((weights["engine"][k].float() - weights["plain"][k].float()).abs().max())
+                   for k in weights["plain"])
         print(json.dumps({"bench": "engine_check", "config": config, "compare": "final weights, engine vs plain",
                           "same_keys": weights["engine"].keys() == weights["plain"].keys(),
                           "max_abs_weight_difference": diff}), flush=True)
@@ -119,7 +121,8 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--deepspeed", action="store_true", help="the engine check with DeepSpeed ZeRO-2 on the CPU")
-    ap.add_argument("--engine", help="the engine check with recipes/accelerate/<ENGINE>.yaml (e.g. deepspeed_zero3, fsdp)")
+    ap.add_argument("--engine",
+                    help="the engine check with recipes/accelerate/<ENGINE>.yaml (e.g. deepspeed_zero3, fsdp)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.deepspeed or args.engine:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import KVASIR_ANSWER, KVASIR_QUESTION, kvasir_images
+
 from medplib.api import MedPLIB
 from medplib.data.schema import Turn
 from medplib.training.data import route_targets, token_groups
@@ -43,7 +43,8 @@ def test_stage4_gradients_are_the_same_with_activation_checkpointing(shared_data
     assert plain.keys() == checkpointed.keys()
     assert any("router" in n for n in plain)  # the routing losses reached the routers
     for name, g in plain.items():
-        torch.testing.assert_close(checkpointed[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_routing_inputs_are_gone_after_a_forward_that_raised() -> None:

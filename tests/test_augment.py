@@ -14,8 +14,8 @@ from medplib.data.augment import augment, flip, flippable
 from medplib.data.loading import LoadedSample, load_sample
 from medplib.data.schema import BoxRegion, PointRegion, PolygonRegion, Sample, Target, Turn
 from medplib.training.data import StreamView
-from medplib.training.recipe import RecipeError, load_recipe
 from medplib.training.pipeline import default_recipes_dir
+from medplib.training.recipe import RecipeError, load_recipe
 
 AXES = ("hflip", "vflip", "transpose")
 

@@ -23,8 +23,15 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from medplib.api import MedPLIB
 from medplib.config import MedPLIBConfig, preset
@@ -72,7 +79,9 @@ def llama_tokenizer(folder: Path, added: list[str] = PUBLISHED_TOKENS) -> int:
 def sam_med2d_dict(cfg: MedPLIBConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """A SAM-Med2D checkpoint dict (image_encoder with adapters, full prompt encoder, 4-output mask decoder)."""
     enc, dec = PixelEncoder(cfg.pixel), MaskDecoder(cfg.decoder)
-    rnd = lambda *s: torch.randn(*s, generator=gen) * 0.1  # noqa: E731
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=gen) * 0.1
+
     sd = {f"image_encoder.{k}": rnd(*v.shape) for k, v in enc.state_dict().items()}
     for k, v in dec.state_dict().items():
         if k.startswith(("pe_layer.", "no_mask_embed.")):
@@ -118,7 +127,10 @@ def published_dict(vocab: int, cfg: MedPLIBConfig, with_vision: bool) -> tuple[d
     if with_vision:
         tower = "model.vision_tower.vision_tower.vision_model."
         sd.update({tower + k: v.clone() for k, v in clip.state_dict().items()})
-    rnd = lambda *s: torch.randn(*s, generator=gen) * 0.1  # noqa: E731
+
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=gen) * 0.1
+
     parts = {"mm_projector.0.weight": rnd(H, DV), "mm_projector.0.bias": rnd(H), "mm_projector.2.weight": rnd(H, H),
              "mm_projector.2.bias": rnd(H), "region_fea_adapter.weight": rnd(H, DV), "region_fea_adapter.bias": rnd(H),
              "text_hidden_fcs.0.0.weight": rnd(H, H), "text_hidden_fcs.0.0.bias": rnd(H),
@@ -279,10 +291,13 @@ def safetensors_published(fixture: dict, tmp_path: Path) -> Path:
 def test_cli_converts_safetensors_shards_with_the_vision_tower_from_a_clip_folder(
         fixture: dict, safetensors_published: Path, tmp_path: Path) -> None:
     fixture["ref"]["clip"].save_pretrained(str(tmp_path / "clip"))
-    run = lambda *extra: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "medplib.cli", "convert", str(safetensors_published), str(tmp_path / "ours"),
-         "--config", str(fixture["root"] / "base.json"), *extra], capture_output=True, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "medplib.cli", "convert", str(safetensors_published), str(tmp_path / "ours"),
+             "--config", str(fixture["root"] / "base.json"), *extra], capture_output=True, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
     missing = run()
     last = missing.stderr.strip().splitlines()[-1]
     assert missing.returncode == 2 and last.startswith("error: ") and "--vision" in last

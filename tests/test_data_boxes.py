@@ -6,8 +6,18 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medplib.data.boxes import (MED_GRIT_GRID, MINIGPT_GRID, box_to_grid, format_med_grit, format_minigpt,
-                                grid_to_box, mask_to_box, parse_med_grit, parse_minigpt, scale_box)
+from medplib.data.boxes import (
+    MED_GRIT_GRID,
+    MINIGPT_GRID,
+    box_to_grid,
+    format_med_grit,
+    format_minigpt,
+    grid_to_box,
+    mask_to_box,
+    parse_med_grit,
+    parse_minigpt,
+    scale_box,
+)
 
 sizes = st.integers(min_value=1, max_value=4096)
 grids = st.sampled_from([MED_GRIT_GRID, MINIGPT_GRID])

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medplib.data.boxes import (MED_GRIT_GRID, MINIGPT_GRID, box_to_grid, grid_to_box, parse_med_grit,
-                                parse_minigpt)
+from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, box_to_grid, grid_to_box, parse_med_grit, parse_minigpt
 from medplib.data.builder import BuildConfig, build_samples
 from medplib.data.converters import build_source
 from medplib.data.converters.covid_cxr import read_covid_cxr

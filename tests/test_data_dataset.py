@@ -80,7 +80,10 @@ def test_mixing_ratios_and_determinism(phantom_jsonl: Path) -> None:
     mix = MixedDataset([a, b], [3, 1], length=400, seed=5)
     share = float((mix.source == 0).mean())
     assert 0.68 < share < 0.82
-    ids = lambda workers: [[s.sample.id for s in batch] for batch in make_loader(mix, 16, workers, seed=1)]  # noqa: E731
+
+    def ids(workers: int) -> list[list[str]]:
+        return [[s.sample.id for s in batch] for batch in make_loader(mix, 16, workers, seed=1)]
+
     first = ids(0)
     assert first == ids(0) == ids(2)
     mix.set_epoch(1)

@@ -19,7 +19,8 @@ from medplib.errors import DataValidationError, InputError, MedplibError
 
 GOOD = {
     "id": "s1", "image": "a.png",
-    "conversations": [{"role": "user", "content": "<image>\nWhat is <region>?"}, {"role": "assistant", "content": "The liver [SEG]."}],
+    "conversations": [{"role": "user", "content": "<image>\nWhat is <region>?"},
+                      {"role": "assistant", "content": "The liver [SEG]."}],
     "regions": [{"kind": "box", "box": [1, 2, 3, 4]}], "targets": [{"mask": "m.png", "box": [1, 2, 3, 4]}],
     "modality": "ct", "task": "region_vqa", "answer_type": "open", "split": "train",
 }
@@ -49,9 +50,11 @@ def broken_samples(draw) -> dict:
     if how == "drop":
         s.pop(draw(st.sampled_from(["id", "image", "conversations"])))
     elif how == "junk":
-        key = draw(st.sampled_from(["id", "image", "conversations", "regions", "targets", "split", "task", "answer_type"]))
+        key = draw(st.sampled_from(
+            ["id", "image", "conversations", "regions", "targets", "split", "task", "answer_type"]))
         value = draw(junk)
-        allowed = {"split": ("train", "val", "test"), "task": (None, "region_vqa"), "answer_type": (None, "open", "closed")}
+        allowed = {"split": ("train", "val", "test"), "task": (None, "region_vqa"),
+                   "answer_type": (None, "open", "closed")}
         if key in ("id", "image") and isinstance(value, str) and value:
             value = 0  # any non-empty string is a valid id or image
         elif key in allowed and value in allowed[key]:
@@ -91,7 +94,8 @@ HEADERS = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"\x00" * 128
            b"PK\x03\x04", b"\x1f\x8b", b'{"id": "x", "image": 1}\n']
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(suffix=st.sampled_from(SUFFIXES), header=st.sampled_from(HEADERS), body=st.binary(max_size=600))
 def test_malformed_files_raise_medplib_errors(tmp_path: Path, suffix: str, header: bytes, body: bytes) -> None:
     path = tmp_path / f"f{suffix}"

@@ -19,7 +19,7 @@ from medplib.errors import InputError
 class _Handler(BaseHTTPRequestHandler):
     calls = 0
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
+    def do_POST(self) -> None:  # the name http.server dispatches POST to
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Handler.calls += 1
         question = body["messages"][-1]["content"]

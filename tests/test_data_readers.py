@@ -61,7 +61,8 @@ def test_liver_dicom_seg() -> None:
     frames = read_dicom_seg(dicom_file("liver_1frame.dcm"))
     assert [(f.segment, f.label) for f in frames] == [(1, "Liver")]
     mask = read_mask(str(dicom_file("liver_1frame.dcm")))
-    assert mask.shape == (512, 512) and int(mask.sum()) == int(pydicom.dcmread(dicom_file("liver_1frame.dcm")).pixel_array.sum())
+    assert mask.shape == (512, 512)
+    assert int(mask.sum()) == int(pydicom.dcmread(dicom_file("liver_1frame.dcm")).pixel_array.sum())
     assert np.array_equal(read_mask(f"{dicom_file('liver_1frame.dcm')}#1"), mask)
     with pytest.raises(InputError, match="no segment 2"):
         read_mask(f"{dicom_file('liver_1frame.dcm')}#2")

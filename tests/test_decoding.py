@@ -29,7 +29,8 @@ def _queries(imgs: list[np.ndarray]) -> list[Query]:
         Query(imgs[0], "Describe the image.", max_new_tokens=12),
         Query(imgs[1], "What is in this long question about the <region> region, and <region>?",
               [BoxRegion(box=(10, 10, 60, 50)), PointRegion(point=(30, 40))], max_new_tokens=20),
-        Query(imgs[0], "Why?", history=[Turn(role="user", content="What is it?"), Turn(role="assistant", content="A scan.")],
+        Query(imgs[0], "Why?",
+              history=[Turn(role="user", content="What is it?"), Turn(role="assistant", content="A scan.")],
               max_new_tokens=7),
         Query(imgs[1], "Describe the image.", max_new_tokens=16),
     ]
@@ -70,7 +71,8 @@ def test_a_failing_request_fails_alone() -> None:
     out = Predictor(m).ask_batch([bad[0], qs[0], bad[1], qs[1], bad[2], qs[2], qs[3]])
     assert [type(o).__name__ for o in (out[0], out[2], out[4])] == ["InputError", "InputError", "RuntimeError"]
     assert [o.token_ids for o in (out[1], out[3], out[5], out[6])] == reference
-    assert all(o.timings["batch"] == 5 for o in (out[1], out[3], out[5], out[6]))  # the broken callback's row was decoded too
+    # the broken callback's row was decoded too
+    assert all(o.timings["batch"] == 5 for o in (out[1], out[3], out[5], out[6]))
 
 
 def test_streaming_callbacks_get_each_rows_own_text() -> None:

@@ -71,7 +71,10 @@ def test_two_processes_shard_merge_resume_and_match_one_process(kvasir_model: Pa
     # Merged once, in sample order, each sample once, with the same answers and masks as one process.
     ones, twos = _records(one), _records(two)
     assert [r["id"] for r in twos] == [r["id"] for r in ones]
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+
+    def strip(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k != "seconds"}
+
     assert [strip(r) for r in twos] == [strip(r) for r in ones]
     a, b = _masks(one), _masks(two)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -98,7 +101,10 @@ def test_a_killed_multi_process_run_resumes_from_its_parts(kvasir_model: Path, s
     ids = [r["id"] for r in recs]
     assert [r["id"] for r in _records(out)] == [ids[0], ids[3], *ids[1:3], *ids[4:]]
     assert not list(out.glob("predictions.part-*.jsonl"))
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+
+    def strip(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k != "seconds"}
+
     assert {r["id"]: strip(r) for r in _records(out)} == {r["id"]: strip(r) for r in recs}
     # The stored order differs from an uninterrupted run (0 and 3 first), and the bootstrap intervals
     # follow the order; the values do not.

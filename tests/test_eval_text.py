@@ -40,12 +40,17 @@ def _iu_reports(shared_data, n=40):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_bleu_agrees_with_nltk_on_real_reports(shared_data):
     refs, preds = _iu_reports(shared_data)
-    split = lambda s: " ".join(tokenize(s)).split()  # noqa: E731  (independent re-tokenisation)
+
+    def split(s: str) -> list[str]:  # independent re-tokenisation
+        return " ".join(tokenize(s)).split()
+
     ours = corpus_bleu(preds, refs)
     for n in (1, 2, 3, 4):
         w = tuple([1 / n] * n)
-        assert ours[f"bleu{n}"] == pytest.approx(nltk_corpus_bleu([[split(r)] for r in refs], [split(p) for p in preds], weights=w))
-        assert sentence_bleu(preds[0], refs[0], n) == pytest.approx(nltk_sentence_bleu([split(refs[0])], split(preds[0]), weights=w))
+        assert ours[f"bleu{n}"] == pytest.approx(
+            nltk_corpus_bleu([[split(r)] for r in refs], [split(p) for p in preds], weights=w))
+        assert sentence_bleu(preds[0], refs[0], n) == pytest.approx(
+            nltk_sentence_bleu([split(refs[0])], split(preds[0]), weights=w))
 
 
 def test_rouge_l_hand_computed_and_agrees_with_rouge_score(shared_data):

@@ -8,8 +8,13 @@ import unicodedata
 import pytest
 
 from medplib.evaluation.vqa import (
-    bird_containment, exact_match, medplib_exact_match, normalize_medplib, normalize_pefomed,
-    normalized_match, token_prf,
+    bird_containment,
+    exact_match,
+    medplib_exact_match,
+    normalize_medplib,
+    normalize_pefomed,
+    normalized_match,
+    token_prf,
 )
 
 

@@ -10,8 +10,15 @@ import pytest
 from PIL import Image
 
 from medplib.errors import ConfigError, InputError
-from medplib.retrieval.examples import (OVERLAY_COLOR, Encoding, check_example, encode_example, load_example,
-                                        mask_image, overlay_example)
+from medplib.retrieval.examples import (
+    OVERLAY_COLOR,
+    Encoding,
+    check_example,
+    encode_example,
+    load_example,
+    mask_image,
+    overlay_example,
+)
 
 MONUSEG = "monuseg_lvit_text/Train_Folder"
 CXR = "covid_cxr_lungs"

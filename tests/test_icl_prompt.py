@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import kvasir_images
 from PIL import Image
 
-from conftest import kvasir_images
 from medplib.api import MedPLIB
 from medplib.errors import InputError
 from medplib.inference import Predictor
@@ -98,7 +98,10 @@ def test_prefix_cache_is_not_reused_for_other_examples(model: MedPLIB, polyps) -
     """Example tokens all carry the `<image>` id: a prefix computed with examples A must not answer for B."""
     img, feats = model.image_features(polyps[4][0])
     a, b = model.example_features(polyps[:1]), model.example_features(polyps[1:2])
-    keys = lambda f: torch.cat([layer.keys for layer in f.prefix_cache.layers])  # noqa: E731
+
+    def keys(f) -> torch.Tensor:
+        return torch.cat([layer.keys for layer in f.prefix_cache.layers])
+
     first = _sampled(model, model.decode_request(QUESTION, features=(img, feats), examples=a), True)
     cache_a, keys_a = feats.prefix_cache, keys(feats)
     assert all(x is y for x, y in zip(feats.prefix_examples, a))

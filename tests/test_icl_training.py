@@ -105,14 +105,16 @@ def test_stage5_recipe_parses_and_sets_the_icl_prompt(tmp_path: Path) -> None:
     assert r.name == "stage5_icl" and r.model.path == "runs/stage4/model"
     assert {s.tasks[0] for s in r.data.sources} == {"icl", "grounding"}
     assert r.icl["encoding"] == "overlay"
-    assert load_recipe(default_recipes_dir() / "stage5_icl.yaml", ["icl.encoding=separate"]).icl["encoding"] == "separate"
+    separate = load_recipe(default_recipes_dir() / "stage5_icl.yaml", ["icl.encoding=separate"])
+    assert separate.icl["encoding"] == "separate"
     with pytest.raises(RecipeError, match="icl: unknown keys"):
         load_recipe(default_recipes_dir() / "stage5_icl.yaml", ["icl.colour=red"])
     from medplib.training.build import build_model
 
     folder = MedPLIB.from_preset("tiny").save_pretrained(tmp_path / "m")
     m = build_model(load_recipe(default_recipes_dir() / "stage5_icl.yaml",
-                                [f"model.path={folder}", "icl.encoding=separate", "icl.example_token_grid=3", "lora.r=0"]))
+                                [f"model.path={folder}", "icl.encoding=separate", "icl.example_token_grid=3",
+                                 "lora.r=0"]))
     assert m.config.icl.encoding == "separate" and m.processor.config.num_example_tokens == 9
     with pytest.raises(RecipeError, match="example_token_grid"):
         build_model(load_recipe(default_recipes_dir() / "stage5_icl.yaml",

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import KVASIR_ANSWER, KVASIR_QUESTION, kvasir_images
 from PIL import Image
 
 from medplib.api import MedPLIB
@@ -22,8 +23,6 @@ from medplib.model import packaged
 from medplib.model.efficientnet import EfficientNetLite0, load_imagenet
 from medplib.processing import IGNORE_INDEX
 from medplib.tokenizer import EXTRA_SPECIAL, load_tokenizer
-
-from conftest import KVASIR_ANSWER, KVASIR_QUESTION, kvasir_images
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,8 @@ def test_lite_towers_hold_the_imagenet_weights(lite: MedPLIB) -> None:
         assert all(torch.equal(own[k], state[k]) for k in own)
 
 
-def test_save_load_round_trip_gives_identical_logits_and_masks(lite: MedPLIB, shared_data: Path, tmp_path: Path) -> None:
+def test_save_load_round_trip_gives_identical_logits_and_masks(
+        lite: MedPLIB, shared_data: Path, tmp_path: Path) -> None:
     _, image, mask = kvasir_images(shared_data, 1)[0]
     turns = [Turn(role="user", content=KVASIR_QUESTION), Turn(role="assistant", content=KVASIR_ANSWER)]
     enc = lite.processor.encode(image, turns, target_masks=[mask])

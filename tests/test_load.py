@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import KVASIR_ANSWER, KVASIR_QUESTION, kvasir_images
+
 from medplib.api import MedPLIB
 from medplib.data.schema import Turn
 from medplib.errors import CheckpointError
@@ -39,8 +39,8 @@ def lite_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _forward(m: MedPLIB, img: np.ndarray, mask: np.ndarray):
     """Teacher-forced grounding answer on the real image: (logits (N, V), [mask logits (H, W)])."""
-    item = m.processor.encode(img, [Turn(role="user", content=KVASIR_QUESTION), Turn(role="assistant", content=KVASIR_ANSWER)],
-                              target_masks=[mask])
+    turns = [Turn(role="user", content=KVASIR_QUESTION), Turn(role="assistant", content=KVASIR_ANSWER)]
+    item = m.processor.encode(img, turns, target_masks=[mask])
     with torch.no_grad():
         out = m.model(**m.collate([item]))
     return out.logits, out.mask_logits[0]

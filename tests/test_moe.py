@@ -12,8 +12,16 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from medplib.config import MoEConfig
 from medplib.errors import ConfigError
-from medplib.model.moe import (MoEMLP, RoutingInputs, force_expert, moe_from_dense, moe_layers, replace_mlps_with_moe,
-                               routing, set_sync_free)
+from medplib.model.moe import (
+    MoEMLP,
+    RoutingInputs,
+    force_expert,
+    moe_from_dense,
+    moe_layers,
+    replace_mlps_with_moe,
+    routing,
+    set_sync_free,
+)
 
 
 class Scale(nn.Module):
@@ -168,7 +176,8 @@ def test_gradient_reaches_router() -> None:
 def test_straight_through_gate_keeps_expert_scale_and_trains_router() -> None:
     torch.manual_seed(4)
     x = torch.randn(1, 1, 4)
-    published, st = scale_moe(capacity_factor_train=4.0).train(), scale_moe(capacity_factor_train=4.0, gate="straight_through").train()
+    published = scale_moe(capacity_factor_train=4.0).train()
+    st = scale_moe(capacity_factor_train=4.0, gate="straight_through").train()
     st.router.load_state_dict(published.router.state_dict())
     y_pub, y_st = published(x), st(x)
     p, e = (x[0, 0] @ published.router.weight.T).softmax(-1).max(-1)

@@ -34,7 +34,8 @@ def test_template_masks_everything_but_answers(proc: Processor) -> None:
     assert ids.count(proc.image_id) == proc.num_image_tokens == 64
     assert ids[ids.index(proc.image_id) - 1] == proc.im_start_id
     full = proc.tokenizer.decode([i for i in ids if i != proc.image_id])
-    assert full.startswith("<s>A chat between a curious human") and " USER: <im_start><im_end>\nWhere is the liver? ASSISTANT:" in full
+    assert full.startswith("<s>A chat between a curious human")
+    assert " USER: <im_start><im_end>\nWhere is the liver? ASSISTANT:" in full
 
 
 def test_generation_prompt_ends_with_assistant(proc: Processor) -> None:

@@ -67,7 +67,8 @@ def region_model(shared_data: Path) -> tuple[MedPLIB, list, list]:
         kind = KINDS[k % 3]
         (r1, a1), (r2, a2) = _prompt(structs[i][2], kind), _prompt(structs[j][2], kind)
         answer = f"{structs[i][3]} and {structs[j][3]}"
-        items.append(m.processor.encode(structs[i][1], [*two, Turn(role="assistant", content=answer)], [r1, r2], [a1, a2]))
+        items.append(m.processor.encode(structs[i][1], [*two, Turn(role="assistant", content=answer)],
+                                        [r1, r2], [a1, a2]))
     fit(m, items, steps=600, batch_size=8, lr=1e-3, seed=0)
     return m, structs, pairs
 
@@ -83,7 +84,8 @@ def test_answer_follows_the_region(region_model, kind: str) -> None:
     assert correct >= 0.9 * len(structs), list(zip(labels, answers))
     liver_img = next(s for s in structs if s[3] == "liver" and s[0] == "amos_0006_90")
     spleen = next(s for s in structs if s[3] == "spleen")
-    assert m.generate(liver_img[1], "What is in <region>?", *map(lambda x: [x], _prompt(liver_img[2], kind))).text == "liver"
+    liver = m.generate(liver_img[1], "What is in <region>?", *map(lambda x: [x], _prompt(liver_img[2], kind)))
+    assert liver.text == "liver"
     assert m.generate(spleen[1], "What is in <region>?", *map(lambda x: [x], _prompt(spleen[2], kind))).text == "spleen"
 
 

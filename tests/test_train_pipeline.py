@@ -46,7 +46,9 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_one_stage_overrides_reach_only_their_stage(pipeline_run: tuple[Path, Path]) -> None:
     jsonl, run = pipeline_run
-    augment = {k: yaml.safe_load((run / f"stage{k}" / "recipe.yaml").read_text())["data"]["augment"] for k in range(1, 5)}
+    augment = {
+        k: yaml.safe_load((run / f"stage{k}" / "recipe.yaml").read_text())["data"]["augment"] for k in range(1, 5)
+    }
     assert augment == {1: [], 2: [], 3: ["hflip", "vflip"], 4: []}
     fitted = MedPLIB.from_pretrained(run / "model").tokenizer
     plain = MedPLIB.from_preset("tiny").tokenizer
@@ -153,7 +155,8 @@ def test_stage4_runner_supervises_routing_only_when_asked(pipeline_run: tuple[Pa
     aux = {}
     for coef in (0.0, 1.0):
         recipe = load_recipe(default_recipes_dir() / "stage4_moe.yaml", [
-            f"model.path={run / 'stage2' / 'model'}", f"upcycle.experts=[{run / 'stage3' / 'model'},{run / 'stage2' / 'model'}]",
+            f"model.path={run / 'stage2' / 'model'}",
+            f"upcycle.experts=[{run / 'stage3' / 'model'},{run / 'stage2' / 'model'}]",
             f"data.dir={jsonl.parent}", f"output_dir={tmp_path / str(coef)}", f"loss.route={coef}",
             "train.steps=2", "train.global_batch=4", "train.micro_batch=4", "train.mixed_precision=fp32",
             "checkpoint.every=0", "log.progress=false", "log.tensorboard=false"])

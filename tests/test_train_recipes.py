@@ -45,7 +45,8 @@ def test_overrides_and_their_errors() -> None:
     path = RECIPES / "stage2_vl_expert.yaml"
     r = load_recipe(path, ["train.steps=7", "lora.targets=[q_proj,v_proj]", "optim.lr=2e-4",
                            "model.overrides.moe.top_k=2", "model.preset=tiny", "model.path=null", "loss.dice=0"])
-    assert (r.train.steps, r.lora.targets, r.optim.lr, r.model.overrides) == (7, ["q_proj", "v_proj"], 2e-4, {"moe.top_k": 2})
+    assert (r.train.steps, r.lora.targets, r.optim.lr, r.model.overrides) == (
+        7, ["q_proj", "v_proj"], 2e-4, {"moe.top_k": 2})
     assert r.loss.dice == 0.0
     with pytest.raises(RecipeError, match="unknown recipe key 'train.stepz'"):
         load_recipe(path, ["train.stepz=3"])

@@ -34,8 +34,8 @@ def _cmd(data: Path, model: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "medplib.cli", "train", "--recipe", str(REPO / "recipes" / "stage2_vl_expert.yaml"),
             f"model.path={model}", f"data.dir={data}", f"output_dir={out}", f"train.steps={STEPS}",
             "train.global_batch=4", "train.micro_batch=2", "train.mixed_precision=fp32", "lora.r=4",
-            "lora.dropout=0.1", "data.augment=[hflip,vflip,transpose]", "optim.lr=1e-3", "checkpoint.every=3", "checkpoint.keep_last=2", "log.progress=false",
-            "log.tensorboard=false"]
+            "lora.dropout=0.1", "data.augment=[hflip,vflip,transpose]", "optim.lr=1e-3", "checkpoint.every=3",
+            "checkpoint.keep_last=2", "log.progress=false", "log.tensorboard=false"]
 
 
 def _env() -> dict[str, str]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import KVASIR_ANSWER, KVASIR_QUESTION
+
 from medplib.config import MedPLIBConfig, preset
 from medplib.data.schema import Sample, Target, Turn, write_jsonl
 from medplib.errors import ConfigError

@@ -20,8 +20,8 @@ from scipy.spatial.distance import cdist
 from medplib.data.dicom_series import read_dicom_series
 from medplib.data.nifti import read_nifti_slice, read_nifti_volume
 from medplib.data.phantoms3d import make_phantom_volume, write_phantom_volume
-from medplib.evaluation.volumes import dice_3d, hausdorff_95, score_volume
 from medplib.errors import InputError
+from medplib.evaluation.volumes import dice_3d, hausdorff_95, score_volume
 
 
 def mni_file(kind: str = "t1") -> Path:

@@ -72,7 +72,8 @@ def test_case_errors_name_the_problem(cases: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no image.nii.gz"):
         read_case(bad)
     vol = read_case(cases / "case0")
-    nib.save(nib.Nifti1Image(np.full(vol.volume.shape, 9, dtype=np.uint8), vol.volume.affine), str(bad / "labels.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full(vol.volume.shape, 9, dtype=np.uint8), vol.volume.affine),
+             str(bad / "labels.nii.gz"))
     nib.save(nib.Nifti1Image(vol.volume.voxels, vol.volume.affine), str(bad / "image.nii.gz"))
     with pytest.raises(InputError, match=r"label values \[9\]"):
         read_case(bad)
@@ -82,7 +83,8 @@ def test_case_errors_name_the_problem(cases: Path, tmp_path: Path) -> None:
 
 def test_eval_scores_volumes_with_dice_and_hd95(cases: Path, kvasir_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    r = runner.invoke(app, ["eval", "--model", str(kvasir_model), "--benchmark", "volumes", "--data", str(cases / "case1"),
+    r = runner.invoke(app, ["eval", "--model", str(kvasir_model), "--benchmark", "volumes",
+                            "--data", str(cases / "case1"),
                             "--out", str(out), "--split", "all", "--device", "cpu", "--axis", "2"])
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -98,19 +100,22 @@ def test_eval_scores_volumes_with_dice_and_hd95(cases: Path, kvasir_model: Path,
         assert rec["slices"] == 8
     assert metrics["dice"] == pytest.approx(np.mean([rec["dice"] for rec in records]))
     assert metrics["slices_per_s"] > 0 and "| **all** |" in (out / "report.md").read_text()
-    r = runner.invoke(app, ["eval", "--model", str(kvasir_model), "--benchmark", "volumes", "--data", str(cases / "case1"),
+    r = runner.invoke(app, ["eval", "--model", str(kvasir_model), "--benchmark", "volumes",
+                            "--data", str(cases / "case1"),
                             "--out", str(tmp_path / "e2"), "--split", "all", "--postprocess", "blur"])
     assert r.exit_code == 2 and "unknown post-processing" in r.output
 
 
 def test_ask_on_a_dicom_series_writes_nifti_and_dicom_seg(kvasir_model: Path, tmp_path: Path) -> None:
     from conftest import KVASIR_QUESTION
+
     from medplib.data.dicom_series import read_dicom_series
     from medplib.data.volume_io import read_dicom_seg_volume
 
     paths = write_phantom_volume(make_phantom_volume("ct", seed=7, shape=(40, 32, 8)), tmp_path / "ct", dicom=True)
     mask_out, seg_out = tmp_path / "out" / "mask.nii.gz", tmp_path / "out" / "seg.dcm"
-    r = runner.invoke(app, ["ask", "--model", str(kvasir_model), paths["dicom"], KVASIR_QUESTION, "--mask-out", str(mask_out),
+    r = runner.invoke(app, ["ask", "--model", str(kvasir_model), paths["dicom"], KVASIR_QUESTION,
+                            "--mask-out", str(mask_out),
                             "--dicom-seg-out", str(seg_out), "--json", "--postprocess", "largest_component"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -14,8 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import KVASIR_QUESTION
+from test_volume import mni_file, write_series
+
 from medplib.api import MedPLIB
 from medplib.data.dicom_series import read_dicom_series
 from medplib.data.nifti import read_nifti_slice, read_nifti_volume
@@ -24,8 +25,7 @@ from medplib.data.volume import Volume
 from medplib.data.volume_io import read_dicom_seg_volume, read_nifti_mask
 from medplib.errors import InputError
 from medplib.inference import Predictor
-from medplib.volume_inference import (VolumeSlices, VoxelBox, VoxelPoint, largest_component, slice_consistency)
-from test_volume import mni_file, write_series
+from medplib.volume_inference import VolumeSlices, VoxelBox, VoxelPoint, largest_component, slice_consistency
 
 
 @pytest.fixture(scope="module")

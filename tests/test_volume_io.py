@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from test_volume import mni_file, write_series
 
 from medplib.data.dicom_series import read_dicom_series
 from medplib.data.masks import read_dicom_seg
@@ -18,7 +19,6 @@ from medplib.data.nifti import read_nifti_volume
 from medplib.data.volume import Volume
 from medplib.data.volume_io import read_dicom_seg_volume, read_nifti_mask, write_dicom_seg, write_nifti_mask
 from medplib.errors import InputError
-from test_volume import mni_file, write_series
 
 
 @pytest.fixture()

@@ -39,7 +39,8 @@ def ask_volume_command(image: Path, question: str, *, model: Path, point: Sequen
                        region_mask: Sequence[Path] = (), slice_index: Optional[int] = None, axis: int = 2,
                        mask_out: Optional[Path] = None, dicom_seg_out: Optional[Path] = None,
                        overlay_out: Optional[Path] = None, postprocess: Sequence[str] = (), as_json: bool = False,
-                       max_new_tokens: Optional[int] = None, device: str = "cpu", quantize: Optional[str] = None) -> None:
+                       max_new_tokens: Optional[int] = None, device: str = "cpu",
+                       quantize: Optional[str] = None) -> None:
     from PIL import Image
 
     from medplib.data.volume import read_volume

@@ -6,8 +6,9 @@ augmentation a small segmentation set needs most (polyps, nuclei and lesions hav
 orientation). They are off by default and opt-in per recipe (`data.augment`), because a
 flip changes anatomy: a horizontal flip swaps the patient's left and right. A sample whose text
 names a side of the flipped axis ("left", "right" for horizontal; "upper", "lower", "top", "bottom"
-for vertical, both for the transposition) is never flipped on that axis, so the answer stays true; nor is a sample with box-only
-targets or coordinates in its text (BiRD-style boxes in text would no longer match the image).
+for vertical, both for the transposition) is never flipped on that axis, so the answer stays true;
+nor is a sample with box-only targets or coordinates in its text (BiRD-style boxes in text would
+no longer match the image).
 
 The draw is a pure function of (seed, stream position), so a resumed run sees the same flips.
 """
@@ -35,7 +36,9 @@ _COORDINATES = re.compile(r"[\[(]\s*\d")  # "[12, 40, ...]" or "(0.31, ...)" in 
 def _flip_region(region: Region, axis: str, h: int, w: int) -> Region:
     """The region after flipping an (h, w) image; mask regions are flipped as arrays by the caller."""
     if axis == "transpose":
-        swap = lambda pts: [(y, x) for x, y in pts]  # noqa: E731
+        def swap(pts: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+            return [(y, x) for x, y in pts]
+
         if isinstance(region, PointRegion):
             return region.model_copy(update={"point": swap([region.point])[0]})
         if isinstance(region, BoxRegion):
@@ -44,8 +47,13 @@ def _flip_region(region: Region, axis: str, h: int, w: int) -> Region:
         if isinstance(region, PolygonRegion):
             return region.model_copy(update={"polygon": swap(region.polygon)})
         return region
-    fx = (lambda x: w - x) if axis == "hflip" else (lambda x: x)  # noqa: E731
-    fy = (lambda y: h - y) if axis == "vflip" else (lambda y: y)  # noqa: E731
+
+    def fx(x: float) -> float:
+        return w - x if axis == "hflip" else x
+
+    def fy(y: float) -> float:
+        return h - y if axis == "vflip" else y
+
     if isinstance(region, PointRegion):
         return region.model_copy(update={"point": (fx(region.point[0]), fy(region.point[1]))})
     if isinstance(region, BoxRegion):

@@ -27,11 +27,20 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
-from medplib.data.boxes import (MED_GRIT_GRID, MINIGPT_GRID, box_to_grid, format_med_grit, format_minigpt,
-                                mask_to_box)
+from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, box_to_grid, format_med_grit, format_minigpt, mask_to_box
 from medplib.data.masks import write_mask_png
-from medplib.data.schema import (IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, BoxRegion, ExampleRef, MaskRegion, PointRegion,
-                                 Sample, Target, Turn)
+from medplib.data.schema import (
+    IMAGE_TOKEN,
+    REGION_TOKEN,
+    SEG_TOKEN,
+    BoxRegion,
+    ExampleRef,
+    MaskRegion,
+    PointRegion,
+    Sample,
+    Target,
+    Turn,
+)
 from medplib.errors import ConfigError
 
 TASKS = ("vqa", "region_vqa", "grounding", "box_grounding", "caption")  # the default build
@@ -43,7 +52,9 @@ MODALITY_NAMES = {
     "fundus": "fundus photography", "ultrasound": "ultrasound", "histopathology": "histopathology",
 }
 
-_IRREGULAR_PLURALS = {"nucleus": "nuclei", "vertebra": "vertebrae", "ventricle": "ventricles", "optic disc": "optic discs"}
+_IRREGULAR_PLURALS = {
+    "nucleus": "nuclei", "vertebra": "vertebrae", "ventricle": "ventricles", "optic disc": "optic discs",
+}
 
 
 @dataclass
@@ -117,7 +128,8 @@ _A_SEG_NONE = ["There is no {l} in this image.", "No {l} is visible in this imag
 _T_BOX = ["Where is the {l}? Answer with a box.", "Give the bounding box of the {l}.", "Locate the {l} in the image.",
           "Find the {l} and give its coordinates."]
 _T_ICL = ["Segment the same structure in this image.", "Find the same structure here and segment it.",
-          "Segment the structure marked in the examples.", "Where is the same structure in this image? Please output the mask."]
+          "Segment the structure marked in the examples.",
+          "Where is the same structure in this image? Please output the mask."]
 _A_ICL = ["Sure, it is {s}.", "{s}.", "Here it is: {s}."]
 _T_CAPTION = ["Describe this image briefly.", "What does this image show?", "Give a short caption for this image.",
               "Summarize the image in one sentence."]
@@ -214,20 +226,24 @@ class _Writer:
 
     def vqa(self) -> Iterator[Sample]:
         if self.item.modality in MODALITY_NAMES:
-            yield self.sample("vqa", self.pick(_T_MODALITY), MODALITY_NAMES[self.item.modality], "open", kind="modality")
+            yield self.sample("vqa", self.pick(_T_MODALITY), MODALITY_NAMES[self.item.modality], "open",
+                              kind="modality")
         if self.structures:
             s = self.structures[int(self.rng.integers(len(self.structures)))]
-            yield self.sample("vqa", self.pick(_T_PRESENCE).format(a=with_article(s.label)), "Yes.", "closed", kind="presence")
+            yield self.sample("vqa", self.pick(_T_PRESENCE).format(a=with_article(s.label)), "Yes.", "closed",
+                              kind="presence")
             n = len(s.instances)
             yield self.sample("vqa", self.pick(_T_COUNT).format(p=plural(s.label)), str(n), "closed", kind="count")
             pos, side = location_words(s.mask)
             yield self.sample("vqa", self.pick(_T_LOCATION).format(l=s.label), f"In the {pos} of the image.", "open",
                               kind="location")
             if side != "center":
-                yield self.sample("vqa", self.pick(_T_SIDE).format(l=s.label), f"The {side} side.", "closed", kind="side")
+                yield self.sample("vqa", self.pick(_T_SIDE).format(l=s.label), f"The {side} side.", "closed",
+                                  kind="side")
         if self.cfg.negatives and self.absent:
             label = self.pick(self.absent)
-            yield self.sample("vqa", self.pick(_T_PRESENCE).format(a=with_article(label)), "No.", "closed", kind="presence")
+            yield self.sample("vqa", self.pick(_T_PRESENCE).format(a=with_article(label)), "No.", "closed",
+                              kind="presence")
         areas = sorted(((int(s.mask.sum()), s.label) for s in self.structures), reverse=True)
         if len(areas) >= 2 and areas[0][0] > 1.1 * areas[1][0]:  # only ask when the answer is clear
             yield self.sample("vqa", self.pick(_T_LARGEST), f"The {areas[0][1]}.", "open", kind="largest")
@@ -276,15 +292,18 @@ class _Writer:
 
     def box_grounding(self) -> Iterator[Sample]:
         h, w = self.structures[0].mask.shape if self.structures else (0, 0)
-        grid, fmt = (MED_GRIT_GRID, format_med_grit) if self.cfg.box_format == "med-grit" else (MINIGPT_GRID, format_minigpt)
+        if self.cfg.box_format == "med-grit":
+            grid, fmt = MED_GRIT_GRID, format_med_grit
+        else:
+            grid, fmt = MINIGPT_GRID, format_minigpt
         for s in self.structures:
             boxes = s.boxes
             if len(boxes) > MAX_BOXES_IN_TEXT:
                 continue  # dozens of boxes make an answer no model should learn to write
             text = " ".join(fmt(box_to_grid(b, w, h, grid)) for b in boxes)
             targets = [Target(box=b, label=s.label) for b in boxes]
-            yield self.sample("box_grounding", self.pick(_T_BOX).format(l=s.label), f"The {s.label} is at {text}.", "open",
-                              targets=targets, box_format=self.cfg.box_format)
+            yield self.sample("box_grounding", self.pick(_T_BOX).format(l=s.label), f"The {s.label} is at {text}.",
+                              "open", targets=targets, box_format=self.cfg.box_format)
 
     def caption(self) -> Iterator[Sample]:
         name = MODALITY_NAMES.get(self.item.modality or "")
@@ -365,6 +384,7 @@ def build_samples(items: Iterable[LabelledImage], root: Path, cfg: BuildConfig |
         if "icl" in cfg.tasks:
             for s in structures:
                 pools.setdefault((item.source, split, s.label), []).append(_Annotated(
-                    item.image, s.path, mask_to_box(s.mask), item.group or _stem(item.image), item.modality, dict(item.meta)))
+                    item.image, s.path, mask_to_box(s.mask), item.group or _stem(item.image), item.modality,
+                    dict(item.meta)))
     if "icl" in cfg.tasks:
         yield from icl_episodes(pools, cfg)

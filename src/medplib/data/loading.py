@@ -70,7 +70,8 @@ def load_sample(sample: Sample, root: str | Path) -> LoadedSample:
         if isinstance(region, MaskRegion):
             mask = read_mask(region.mask, root, size=size)
             if not mask.any():
-                raise InputError(f"{where}: region mask {region.mask if isinstance(region.mask, str) else 'RLE'} is empty")
+                name = region.mask if isinstance(region.mask, str) else "RLE"
+                raise InputError(f"{where}: region mask {name} is empty")
             region_masks.append(mask)
         else:
             region_masks.append(None)

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
 
 from medplib.data.schema import RLE, MaskRef
 from medplib.errors import InputError
@@ -142,7 +143,8 @@ def rle_decode(rle: RLE | Mapping) -> np.ndarray:
     if not isinstance(rle, RLE):
         try:
             rle = RLE.model_validate(dict(rle))
-        except Exception as exc:  # pydantic's message is precise enough to show
+        except (TypeError, ValueError, ValidationError) as exc:  # dict() of a non-mapping: TypeError/ValueError
+            # pydantic's message is precise enough to show
             raise InputError(f"not a valid RLE: {exc}") from None
     h, w = rle.size
     if h < 0 or w < 0:
@@ -217,7 +219,9 @@ def _read_dicom_seg(path: Path) -> list[SegFrame]:
         raise InputError(f"{path}: not a DICOM SEG (Modality {ds.get('Modality')!r})")
     pixels = ds.pixel_array
     frames = pixels[None] if pixels.ndim == 2 else pixels
-    labels = {int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment {s.SegmentNumber}")) for s in ds.SegmentSequence}
+    labels = {
+        int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment {s.SegmentNumber}")) for s in ds.SegmentSequence
+    }
     if ds.get("SegmentationType") == "FRACTIONAL":
         fg = frames > float(ds.get("MaximumFractionalValue", 255)) / 2.0
     else:

@@ -50,7 +50,9 @@ class Paraphraser:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 reply = json.loads(resp.read().decode("utf-8"))
             return str(reply["choices"][0]["message"]["content"]).strip()
-        except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+        except (
+            urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError, KeyError, IndexError, TypeError
+        ) as exc:
             raise InputError(f"paraphrase endpoint {self.url} failed: {exc}") from None
 
     def __call__(self, text: str) -> str:

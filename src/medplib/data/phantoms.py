@@ -116,7 +116,9 @@ class _Canvas:
 
     def texture(self, rng: np.random.Generator, scale: float) -> np.ndarray:
         """(H, W) smooth noise with zero mean and unit std; `scale` is the blur in short-side units."""
-        noise = ndimage.gaussian_filter(rng.standard_normal((self.h, self.w)), sigma=max(scale * min(self.h, self.w), 0.5))
+        noise = ndimage.gaussian_filter(
+            rng.standard_normal((self.h, self.w)), sigma=max(scale * min(self.h, self.w), 0.5)
+        )
         return (noise - noise.mean()) / (noise.std() + 1e-9)
 
     def curve(self, rng: np.random.Generator, x0: float, y0: float, heading: float, length: float,
@@ -159,7 +161,8 @@ def _ct(c: _Canvas, rng: np.random.Generator) -> None:
                         rng.uniform(0.025, 0.05), rng.uniform(0.025, 0.05), 0.2) & liver
         c.paint(lesion, 0.38 + 0.02 * c.texture(rng, 0.004), "lesion")
     spleen = c.blob(rng, cx + brx * 0.62 + rng.uniform(-0.03, 0.02), cy + bry * 0.15 + rng.uniform(-0.04, 0.04),
-                    brx * rng.uniform(0.12, 0.17), bry * rng.uniform(0.28, 0.38), 0.1, angle=rng.uniform(-0.6, -0.2)) & inner
+                    brx * rng.uniform(0.12, 0.17), bry * rng.uniform(0.28, 0.38), 0.1,
+                    angle=rng.uniform(-0.6, -0.2)) & inner
     c.paint(spleen, 0.64 + 0.01 * c.texture(rng, 0.01), "spleen")
     for side, label in ((-1, "right kidney"), (1, "left kidney")):
         kx = cx + side * brx * rng.uniform(0.3, 0.38)
@@ -210,7 +213,8 @@ def _xray(c: _Canvas, rng: np.random.Generator) -> None:
     lungs = {}
     for side, label in ((-1, "right lung"), (1, "left lung")):
         lx = cx + side * rng.uniform(0.17, 0.21)
-        lung = c.blob(rng, lx, cy - rng.uniform(-0.02, 0.03), rng.uniform(0.12, 0.15), rng.uniform(0.26, 0.31), 0.08, angle=0.0)
+        lung = c.blob(rng, lx, cy - rng.uniform(-0.02, 0.03), rng.uniform(0.12, 0.15), rng.uniform(0.26, 0.31), 0.08,
+                      angle=0.0)
         lungs[label] = c.paint(lung, 0.18 + ribs + 0.03 * c.texture(rng, 0.006), label)
     spine = (np.abs(c.x - cx) < 0.035) & trunk
     c.paint(spine, 0.78 + 0.04 * np.sin(90 * c.y))
@@ -309,15 +313,17 @@ def _fundus(c: _Canvas, rng: np.random.Generator) -> None:
     side = 1 if rng.random() < 0.5 else -1  # right or left eye
     dx, dy = side * fr * rng.uniform(0.35, 0.5), rng.uniform(-0.06, 0.06)
     c.paint(c.ellipse(-side * fr * 0.1, dy, fr * 0.14, fr * 0.14) & fundus, np.array([0.5, 0.18, 0.06]))  # macula
-    for k in range(rng.integers(6, 10)):
+    for _ in range(rng.integers(6, 10)):
         heading = (0 if side < 0 else np.pi) + rng.uniform(-1.3, 1.3)
         vessel = c.curve(rng, dx, dy, heading, rng.uniform(0.4, 0.7), rng.uniform(0.008, 0.016), bend=1.2) & fundus
         c.paint(vessel, np.array([0.55, 0.1, 0.05]))
     drx = fr * rng.uniform(0.13, 0.18)
     disc = c.ellipse(dx, dy, drx, drx * rng.uniform(1.0, 1.15)) & fundus
     c.paint(disc, np.array([0.98, 0.78, 0.45]) + 0.02 * c.texture(rng, 0.005)[..., None], "optic disc")
-    cup = c.ellipse(dx + rng.uniform(-0.2, 0.2) * drx, dy, drx * rng.uniform(0.3, 0.65), drx * rng.uniform(0.35, 0.7)) & disc
-    c.paint(cup, np.array([1.0, 0.95, 0.8]), "optic cup", occlude=False)  # the disc includes its cup (REFUGE convention)
+    cup = c.ellipse(dx + rng.uniform(-0.2, 0.2) * drx, dy, drx * rng.uniform(0.3, 0.65),
+                    drx * rng.uniform(0.35, 0.7)) & disc
+    # the disc includes its cup (REFUGE convention)
+    c.paint(cup, np.array([1.0, 0.95, 0.8]), "optic cup", occlude=False)
     c.img = np.clip(c.img, 0, 1)
 
 
@@ -373,7 +379,8 @@ def _histopathology(c: _Canvas, rng: np.random.Generator) -> None:
 
 _GENERATORS: dict[str, tuple[Callable[[_Canvas, np.random.Generator], None], int]] = {
     "ct": (_ct, 1), "mr": (_mr, 1), "xray": (_xray, 1), "pet": (_pet, 3), "endoscopy": (_endoscopy, 3),
-    "dermoscopy": (_dermoscopy, 3), "fundus": (_fundus, 3), "ultrasound": (_ultrasound, 1), "histopathology": (_histopathology, 3),
+    "dermoscopy": (_dermoscopy, 3), "fundus": (_fundus, 3), "ultrasound": (_ultrasound, 1),
+    "histopathology": (_histopathology, 3),
 }
 
 

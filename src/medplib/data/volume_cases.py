@@ -56,7 +56,9 @@ def case_folders(data: str | Path) -> list[Path]:
         return [data]
     cases = sorted(p for p in data.iterdir() if p.is_dir() and (p / "labels.json").is_file())
     if not cases:
-        raise InputError(f"{data}: no volume cases (folders with image.nii.gz or dicom/, labels.nii.gz and labels.json)")
+        raise InputError(
+            f"{data}: no volume cases (folders with image.nii.gz or dicom/, labels.nii.gz and labels.json)"
+        )
     return cases
 
 

@@ -34,7 +34,9 @@ def box_iou_matrix(a: Sequence[Sequence[float]] | np.ndarray, b: Sequence[Sequen
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def paired_box_iou(pred: Sequence[Sequence[float]] | np.ndarray, gt: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+def paired_box_iou(
+    pred: Sequence[Sequence[float]] | np.ndarray, gt: Sequence[Sequence[float]] | np.ndarray
+) -> np.ndarray:
     """IoU of pred[i] with gt[i], both (N, 4) -> (N,)."""
     p, g = _boxes(pred, "pred"), _boxes(gt, "gt")
     if p.shape != g.shape:
@@ -60,7 +62,9 @@ def grounding_summary(
     return {"miou": miou.as_dict(), f"acc@{threshold:g}": acc.as_dict()}
 
 
-def bird_hits(pred_boxes: Sequence[Sequence[float]], gt_boxes: Sequence[Sequence[float]], *, threshold: float = 0.5) -> np.ndarray:
+def bird_hits(
+    pred_boxes: Sequence[Sequence[float]], gt_boxes: Sequence[Sequence[float]], *, threshold: float = 0.5
+) -> np.ndarray:
     """BiRD VG: gt box j is hit when any predicted box has IoU strictly greater than threshold -> (M,) bool."""
     gt = _boxes(gt_boxes, "gt")
     if gt.shape[0] == 0:
@@ -83,7 +87,10 @@ def bird_recall(
     `micro` (over all gt boxes) is given beside it for comparison.
     """
     if not len(pred_boxes) == len(gt_boxes) == len(modalities):
-        raise InputError(f"lengths differ: {len(pred_boxes)} predictions, {len(gt_boxes)} references, {len(modalities)} modalities")
+        raise InputError(
+            f"lengths differ: {len(pred_boxes)} predictions, {len(gt_boxes)} references, "
+            f"{len(modalities)} modalities"
+        )
     hits: list[float] = []
     labels: list[str] = []
     for p, g, m in zip(pred_boxes, gt_boxes, modalities):

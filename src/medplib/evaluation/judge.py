@@ -27,7 +27,10 @@ import httpx
 
 from medplib.errors import ConfigError, InputError, MedplibError
 
-VQA_PROMPT = """Given a question about a medical image, there is a correct answer to the question and an answer to be determined. If the answer to be determined matches the correct answer or is a good enough answer to the question, output 1; otherwise output 0. Evaluate the answer to be determined (1 or 0).
+# PeFoMed's rubrics verbatim; a backslash at a line end joins the lines, so each paragraph stays one line.
+VQA_PROMPT = """Given a question about a medical image, there is a correct answer to the question and an answer to \
+be determined. If the answer to be determined matches the correct answer or is a good enough answer to the question, \
+output 1; otherwise output 0. Evaluate the answer to be determined (1 or 0).
 
 Question:
 - question about the medical image: {question}
@@ -37,20 +40,36 @@ Answers:
 - answer to be determined: {prediction}
 
 Task:
-- Given a question about a medical image, there is a correct answer to the question and an answer to be determined. If the answer to be determined matches the correct answer or is a good enough answer to the question, output 1; otherwise output 0. Evaluate the answer to be determined (1 or 0).
+- Given a question about a medical image, there is a correct answer to the question and an answer to be determined. \
+If the answer to be determined matches the correct answer or is a good enough answer to the question, output 1; \
+otherwise output 0. Evaluate the answer to be determined (1 or 0).
 
 Output Format:
 Correctness: your answer
 """
 
-REPORT_PROMPT = """Given an actual medical report on a medical image and a generated medical report that needs to be determined, evaluate the generated report (0 or 1 or 2 or 3 or 4).
+REPORT_PROMPT = """Given an actual medical report on a medical image and a generated medical report that needs to be \
+determined, evaluate the generated report (0 or 1 or 2 or 3 or 4).
 
 Standard:
-4: The generated medical report exhibits minimal discrepancy in meaning compared to the actual report, ensuring complete consistency in critical aspects such as diagnosis and treatment recommendations. It encapsulates all requisite information elements without omissions. Applicability: evaluators find it difficult to distinguish the generated report from the actual report.
-3: The generated report closely resembles the actual report in critical elements, with minor deviations that do not compromise overall accuracy and intelligibility. It keeps the principal diagnosis and recommendations, with negligible discrepancies in non-essential information and minimal omissions. Applicability: the overall quality approximates the actual report, with slight variances in detail.
-2: The generated report diverges significantly from the actual report in several key aspects, yet its primary content and intent remain recognizable; despite discrepancies in crucial information, the core diagnosis and recommendations are accurate. Applicability: the foundational structure mirrors the actual report despite notable inaccuracies or omissions.
-1: The generated report is quite different from the actual report in several key aspects, which affects basic understanding and use; there are multiple errors or misleading statements of key information, and important information is left out. Applicability: some basic framework remains, but many errors affect the overall quality.
-0: The generated report hardly has any consistency with the actual report and deviates completely from the correct message or purpose; it is full of errors or irrelevant content. Applicability: it can hardly be identified as a valid medical report for this image.
+4: The generated medical report exhibits minimal discrepancy in meaning compared to the actual report, ensuring \
+complete consistency in critical aspects such as diagnosis and treatment recommendations. It encapsulates all \
+requisite information elements without omissions. Applicability: evaluators find it difficult to distinguish the \
+generated report from the actual report.
+3: The generated report closely resembles the actual report in critical elements, with minor deviations that do not \
+compromise overall accuracy and intelligibility. It keeps the principal diagnosis and recommendations, with \
+negligible discrepancies in non-essential information and minimal omissions. Applicability: the overall quality \
+approximates the actual report, with slight variances in detail.
+2: The generated report diverges significantly from the actual report in several key aspects, yet its primary \
+content and intent remain recognizable; despite discrepancies in crucial information, the core diagnosis and \
+recommendations are accurate. Applicability: the foundational structure mirrors the actual report despite notable \
+inaccuracies or omissions.
+1: The generated report is quite different from the actual report in several key aspects, which affects basic \
+understanding and use; there are multiple errors or misleading statements of key information, and important \
+information is left out. Applicability: some basic framework remains, but many errors affect the overall quality.
+0: The generated report hardly has any consistency with the actual report and deviates completely from the correct \
+message or purpose; it is full of errors or irrelevant content. Applicability: it can hardly be identified as a \
+valid medical report for this image.
 
 Actual medical report:
 - {reference}
@@ -155,7 +174,9 @@ class Judge:
             raise ConfigError("judge max_concurrency must be at least 1")
         self.config = config
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self._client = client or httpx.Client(base_url=config.base_url.rstrip("/"), headers=headers, timeout=config.timeout_s)
+        self._client = client or httpx.Client(
+            base_url=config.base_url.rstrip("/"), headers=headers, timeout=config.timeout_s
+        )
         self._lock = threading.Lock()
         self.usage = JudgeUsage()
 
@@ -225,7 +246,10 @@ class Judge:
         except (ValueError, KeyError, IndexError, TypeError):
             return ""  # an empty reply: counted as unparsable, and not cached so a re-run retries
         usage = data.get("usage") or {}
-        self._count(prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0))
+        self._count(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
@@ -234,7 +258,9 @@ class Judge:
         return reply
 
     # --- rubrics ----------------------------------------------------------------------------
-    def _run(self, prompts: list[str], parse: Callable[[str | None], int | None]) -> tuple[list[int | None], list[str | None]]:
+    def _run(
+        self, prompts: list[str], parse: Callable[[str | None], int | None]
+    ) -> tuple[list[int | None], list[str | None]]:
         with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
             replies = list(pool.map(self.complete, prompts))
         scores = [parse(r) for r in replies]
@@ -245,11 +271,18 @@ class Judge:
         """PeFoMed VQA correctness (1/0) per item; summary: accuracy over parsed replies."""
         if not len(questions) == len(references) == len(predictions):
             raise InputError("questions, references and predictions must have the same length")
-        prompts = [VQA_PROMPT.format(question=q, reference=r, prediction=p) for q, r, p in zip(questions, references, predictions)]
+        prompts = [
+            VQA_PROMPT.format(question=q, reference=r, prediction=p)
+            for q, r, p in zip(questions, references, predictions)
+        ]
         before = asdict(self.usage)
         scores, replies = self._run(prompts, parse_correctness)
         parsed = [s for s in scores if s is not None]
-        summary = {"accuracy": sum(parsed) / len(parsed) if parsed else float("nan"), "n": len(scores), "n_parsed": len(parsed)}
+        summary = {
+            "accuracy": sum(parsed) / len(parsed) if parsed else float("nan"),
+            "n": len(scores),
+            "n_parsed": len(parsed),
+        }
         return JudgeResult(scores, replies, self._delta(before), summary)
 
     def judge_reports(self, references: Sequence[str], predictions: Sequence[str]) -> JudgeResult:
@@ -262,7 +295,9 @@ class Judge:
         parsed = [s for s in scores if s is not None]
         counts = {str(k): parsed.count(k) for k in range(5)}
         summary = {
-            "weighted_average": sum(k * c for k, c in enumerate(counts.values())) / len(parsed) if parsed else float("nan"),
+            "weighted_average": (
+                sum(k * c for k, c in enumerate(counts.values())) / len(parsed) if parsed else float("nan")
+            ),
             "distribution": counts,
             "n": len(scores),
             "n_parsed": len(parsed),

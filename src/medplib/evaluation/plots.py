@@ -1,6 +1,7 @@
 """Figures for report.md: a per-modality bar chart and a gallery of grounding overlays (PNG).
 
-matplotlib runs on the Agg backend (no display needed); every figure is closed after saving.
+Figures are built as `matplotlib.figure.Figure` objects, not through pyplot: no backend is selected and no display
+is needed (savefig renders PNG with Agg), and nothing is left in pyplot's figure registry to close.
 """
 
 from __future__ import annotations
@@ -9,15 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from medplib.errors import InputError  # noqa: E402
+from medplib.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -43,11 +42,13 @@ def modality_chart(
     high = np.array([per_modality[m]["high"] for m in names], dtype=np.float64)
     # Intervals are NaN for n < 2: draw no whisker there.
     err = np.nan_to_num(np.stack([vals - low, high - vals]), nan=0.0).clip(min=0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.6), dpi=110)
+    fig = Figure(figsize=(max(4.0, 1.1 * len(names) + 2), 3.6), dpi=110)
+    ax = fig.subplots()
     bars = ax.bar(range(len(names)), vals, yerr=err, capsize=4, color="#4C78A8", edgecolor="black", linewidth=0.5)
     for bar, v, top in zip(bars, vals, np.where(np.isnan(high), vals, high)):
         # Above the whisker, so the label never sits on the error bar.
-        ax.text(bar.get_x() + bar.get_width() / 2, max(v, top) + 0.015, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        x = bar.get_x() + bar.get_width() / 2
+        ax.text(x, max(v, top) + 0.015, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), [f"{m}\n(n={int(per_modality[m]['n'])})" for m in names], fontsize=8)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel(metric)
@@ -57,14 +58,16 @@ def modality_chart(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 
-def _tile(ax: plt.Axes, item: OverlayItem) -> None:
+def _tile(ax: Axes, item: OverlayItem) -> None:
     img = np.asarray(item.image)
     if img.shape[:2] != item.gt_mask.shape or item.gt_mask.shape != item.pred_mask.shape:
-        raise InputError(f"{item.caption}: image {img.shape[:2]} and masks {item.gt_mask.shape}, {item.pred_mask.shape} differ in size")
+        raise InputError(
+            f"{item.caption}: image {img.shape[:2]} and masks {item.gt_mask.shape}, {item.pred_mask.shape} "
+            "differ in size"
+        )
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
     red = np.zeros((*item.pred_mask.shape, 4))
     red[item.pred_mask] = (1.0, 0.15, 0.15, 0.45)
@@ -82,7 +85,8 @@ def overlay_gallery(
     if not best and not worst:
         raise InputError("no grounding samples for the gallery")
     cols = max(len(best), len(worst))
-    fig, axes = plt.subplots(2, cols, figsize=(2.4 * cols, 6.2), dpi=110, squeeze=False)
+    fig = Figure(figsize=(2.4 * cols, 6.2), dpi=110)
+    axes = fig.subplots(2, cols, squeeze=False)
     for row, (label, items) in enumerate((("best", best), ("worst", worst))):
         for c in range(cols):
             ax = axes[row][c]
@@ -90,13 +94,18 @@ def overlay_gallery(
                 _tile(ax, items[c])
             else:
                 ax.axis("off")
-        axes[row][0].text(-0.08, 0.5, label, transform=axes[row][0].transAxes, rotation=90, ha="right", va="center", fontsize=10, weight="bold")
-    handles = [Patch(color=(1.0, 0.15, 0.15, 0.45), label="prediction"), Line2D([0], [0], color="#00FF66", lw=1.4, label="ground truth")]
+        axes[row][0].text(
+            -0.08, 0.5, label, transform=axes[row][0].transAxes,
+            rotation=90, ha="right", va="center", fontsize=10, weight="bold",
+        )
+    handles = [
+        Patch(color=(1.0, 0.15, 0.15, 0.45), label="prediction"),
+        Line2D([0], [0], color="#00FF66", lw=1.4, label="ground truth"),
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0.02, 0.04, 1, 0.95), h_pad=2.5)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out

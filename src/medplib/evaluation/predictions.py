@@ -1,8 +1,8 @@
 """predictions.jsonl: an append-only, resumable store of prediction records.
 
 One JSON object per line, written and flushed one at a time, so a crash loses at most the line
-being written; a torn last line is ignored on reading and cut before the next append. Masks given as arrays are saved as PNG
-files beside the store (`masks/<id>.<field>.png`, binarised as in `masks.binarize`: float > 0.5,
+being written; a torn last line is ignored on reading and cut before the next append. Masks given as arrays are saved
+as PNG files beside the store (`masks/<id>.<field>.png`, binarised as in `masks.binarize`: float > 0.5,
 other dtypes non-zero) and the record keeps their path relative to the store's folder; paths
 given for images and masks are stored absolute.
 

@@ -31,8 +31,13 @@ from medplib.evaluation.predictions import PredictionStore
 from medplib.evaluation.stats import bootstrap_ci
 from medplib.evaluation.text import sentence_bleu, text_metrics
 from medplib.evaluation.vqa import (
-    bird_containment, exact_match, medplib_exact_match, normalize_medplib, normalize_pefomed,
-    normalized_match, token_prf,
+    bird_containment,
+    exact_match,
+    medplib_exact_match,
+    normalize_medplib,
+    normalize_pefomed,
+    normalized_match,
+    token_prf,
 )
 
 Task = Literal["vqa", "grounding", "box_grounding", "text"]
@@ -162,15 +167,27 @@ def compute_metrics(
         boxes = by_task["box_grounding"]
         # PFMVG scores the first predicted box against the (single) reference box; none -> IoU 0.
         ious = [
-            float(paired_box_iou([r["pred_boxes"][0]], [r["gt_boxes"][0]])[0]) if r["pred_boxes"] and r["gt_boxes"] else 0.0
+            float(paired_box_iou([r["pred_boxes"][0]], [r["gt_boxes"][0]])[0])
+            if r["pred_boxes"] and r["gt_boxes"]
+            else 0.0
             for r in boxes
         ]
         block = grounding_summary(ious, seed=seed)
-        bird = bird_recall([r["pred_boxes"] for r in boxes], [r["gt_boxes"] for r in boxes], [_modality(r) for r in boxes])
-        metrics["box_grounding"] = {**block, "bird_recall@0.5_macro": bird["macro"], "bird_recall@0.5_micro": bird["micro"], "n": len(boxes)}
+        bird = bird_recall(
+            [r["pred_boxes"] for r in boxes], [r["gt_boxes"] for r in boxes], [_modality(r) for r in boxes]
+        )
+        metrics["box_grounding"] = {
+            **block,
+            "bird_recall@0.5_macro": bird["macro"],
+            "bird_recall@0.5_micro": bird["micro"],
+            "n": len(boxes),
+        }
         for m in sorted({_modality(r) for r in boxes}):
             idx = [i for i, r in enumerate(boxes) if _modality(r) == m]
-            per_modality[m]["box_grounding"] = {**grounding_summary([ious[i] for i in idx], seed=seed), "bird_recall@0.5": bird["per_modality"][m]}
+            per_modality[m]["box_grounding"] = {
+                **grounding_summary([ious[i] for i in idx], seed=seed),
+                "bird_recall@0.5": bird["per_modality"][m],
+            }
 
     if by_task["text"]:
         text = by_task["text"]
@@ -225,7 +242,10 @@ def _chart_values(per_modality: Mapping[str, Mapping[str, Any]]) -> tuple[str, d
     """The headline per-modality metric: Dice, else closed accuracy, else open recall, else box acc."""
     picks = (
         ("Dice", lambda b: b.get("grounding", {}).get("dice")),
-        ("closed accuracy (MedPLIB normalisation)", lambda b: b.get("vqa", {}).get("closed", {}).get("accuracy_medplib")),
+        (
+            "closed accuracy (MedPLIB normalisation)",
+            lambda b: b.get("vqa", {}).get("closed", {}).get("accuracy_medplib"),
+        ),
         ("open token recall", lambda b: b.get("vqa", {}).get("open", {}).get("recall")),
         ("box accuracy at IoU >= 0.5", lambda b: b.get("box_grounding", {}).get("acc@0.5")),
     )
@@ -289,7 +309,9 @@ def run_report(
     stored = list(store.read())
     if not stored:
         raise InputError("no prediction records to report on")
-    blocks, grounding = compute_metrics(stored, base_dir=out, mask_convention=mask_convention, meteor_backend=meteor_backend, seed=seed)
+    blocks, grounding = compute_metrics(
+        stored, base_dir=out, mask_convention=mask_convention, meteor_backend=meteor_backend, seed=seed
+    )
     result: dict[str, Any] = {
         "benchmark": benchmark,
         "model": model_name,
@@ -309,11 +331,19 @@ def run_report(
     chart = _chart_values(result["per_modality"])
     if chart is not None:
         name, values = chart
-        modality_chart(values, out / "per_modality.png", metric=name, title=f"{benchmark} / {model_name}: {name} per modality")
+        modality_chart(
+            values, out / "per_modality.png", metric=name, title=f"{benchmark} / {model_name}: {name} per modality"
+        )
         figures.append(f"## Per modality\n\n![{name} per modality](per_modality.png)\n")
     if grounding is not None and grounding.recs:
-        _gallery(grounding, out / "gallery.png", out, gallery_size, f"{benchmark}: best (top) and worst (bottom) grounding by Dice")
-        figures.append("## Grounding gallery\n\nPrediction filled red, ground truth outlined green.\n\n![best and worst grounding](gallery.png)\n")
+        _gallery(
+            grounding, out / "gallery.png", out, gallery_size,
+            f"{benchmark}: best (top) and worst (bottom) grounding by Dice",
+        )
+        figures.append(
+            "## Grounding gallery\n\nPrediction filled red, ground truth outlined green.\n\n"
+            "![best and worst grounding](gallery.png)\n"
+        )
     _write_markdown(out / "report.md", result, figures)
     return result
 

@@ -97,7 +97,9 @@ def normalize_pefomed(text: str, max_words: int = 50) -> str:
 
 def exact_match(prediction: str, reference: str) -> float:
     """True exact match: 1.0 iff the strings are equal after Unicode NFC and outer whitespace."""
-    norm = lambda s: unicodedata.normalize("NFC", str(s)).strip()  # noqa: E731
+    def norm(s: object) -> str:
+        return unicodedata.normalize("NFC", str(s)).strip()
+
     return float(norm(prediction) == norm(reference))
 
 

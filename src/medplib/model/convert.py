@@ -14,10 +14,10 @@ The published layout is what `ShawnHuang497/MedPLIB` writes with HF `save_pretra
 
 Shards (`*.safetensors` or `pytorch_model-*.bin`, with or without an index JSON) are read one tensor at a
 time (safetensors by plain reads, `.bin` shards memory-mapped with `weights_only=True`), and medplib's
-single `model.safetensors` is written as a stream, so a 7B conversion never holds the model in memory. Every key is either mapped or in a fixed
-list of parts the `[SEG]` path does not use (SAM's point/box/mask prompt parts and multimask outputs 1-3,
-CLIP's text half, the rotary buffers, which are checked against the config); anything else, a missing key
-or a wrong shape is a CheckpointError that names the keys.
+single `model.safetensors` is written as a stream, so a 7B conversion never holds the model in memory. Every key
+is either mapped or in a fixed list of parts the `[SEG]` path does not use (SAM's point/box/mask prompt parts and
+multimask outputs 1-3, CLIP's text half, the rotary buffers, which are checked against the config); anything else,
+a missing key or a wrong shape is a CheckpointError that names the keys.
 
 The published tokenizer's `<SEG>` is medplib's `[SEG]` (same id, renamed); medplib's `<image>`, `<box>` and
 `</box>` are appended when missing, with the mean embedding as their rows.
@@ -41,8 +41,12 @@ from torch import Tensor
 
 from medplib.config import MedPLIBConfig, preset
 from medplib.errors import CheckpointError
-from medplib.model.sam_checkpoint import (_KEPT_PROMPT_ENCODER, _UNUSED_HYPERNET, read_state_dict,
-                                          sam_state_dict_to_medplib)
+from medplib.model.sam_checkpoint import (
+    _KEPT_PROMPT_ENCODER,
+    _UNUSED_HYPERNET,
+    read_state_dict,
+    sam_state_dict_to_medplib,
+)
 from medplib.model.summary import build_on_meta
 from medplib.tokenizer import SEG, load_tokenizer
 
@@ -686,7 +690,9 @@ def _sam_parts(path: str | Path) -> dict[str, Tensor]:
 def _write_shards(out: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                   tensors: Iterator[tuple[str, Tensor]], max_bytes: int) -> None:
     """HF-style safetensors shards (`model-0000k-of-0000n.safetensors`) and `model.safetensors.index.json`."""
-    nbytes = lambda e: torch.Size(e[2]).numel() * torch.empty((), dtype=e[1]).element_size()  # noqa: E731
+    def nbytes(e: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
+        return torch.Size(e[2]).numel() * torch.empty((), dtype=e[1]).element_size()
+
     shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     size = 0
     for e in entries:

@@ -124,7 +124,7 @@ def load_imagenet(model: EfficientNetLite0, path: str | Path) -> None:
     (`_fc.*`, not built here) must be used: a mismatch is an error that names the keys."""
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a foreign, truncated or unsafe file
+    except Exception as exc:  # noqa: BLE001 - torch.load raises several types on foreign, truncated or unsafe files
         raise CheckpointError(f"cannot read EfficientNet weights {path}: {exc}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")

@@ -126,7 +126,9 @@ class MoEMLP(nn.Module):
         if not 1 <= cfg.top_k <= cfg.num_experts:
             raise ConfigError(f"moe.top_k must be in 1..{cfg.num_experts}, got {cfg.top_k}")
         if cfg.gate not in ("prob", "straight_through") or (cfg.gate == "straight_through" and cfg.top_k != 1):
-            raise ConfigError(f"moe.gate must be 'prob', or 'straight_through' with top_k=1; got {cfg.gate!r}, top_k={cfg.top_k}")
+            raise ConfigError(
+                f"moe.gate must be 'prob', or 'straight_through' with top_k=1; got {cfg.gate!r}, top_k={cfg.top_k}"
+            )
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k

@@ -84,10 +84,13 @@ def quantize_llm(model: nn.Module, mode: str, device: str | torch.device) -> Non
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
         with warnings.catch_warnings():
-            # torch marks its eager-mode quantisation APIs as moving to torchao; they still work and need no extra install.
+            # torch marks its eager-mode quantisation APIs as moving to torchao; they still work and need no extra
+            # install.
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*quantiz.*", category=UserWarning)
-            quantize_dynamic(model.llm, {name: default_dynamic_qconfig for name in linears}, dtype=torch.qint8, inplace=True)
+            quantize_dynamic(
+                model.llm, {name: default_dynamic_qconfig for name in linears}, dtype=torch.qint8, inplace=True
+            )
         return
     _replace_with_bnb(model.llm, linears, mode)
     model.to(device)  # bitsandbytes quantises Int8Params / Params4bit here, on their way to the GPU
@@ -99,7 +102,9 @@ def _replace_with_bnb(llm: nn.Module, linears: dict[str, nn.Linear], mode: str) 
     for name, lin in linears.items():
         has_bias = lin.bias is not None
         if mode == "int8":
-            new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0)
+            new = bnb.nn.Linear8bitLt(
+                lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0
+            )
             new.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
         else:
             new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=torch.bfloat16,
@@ -145,7 +150,9 @@ def quantize_llm_weight_only(model: nn.Module) -> None:
         raise InputError("the LLM has no Linear layers to quantise")
     for name, lin in linears.items():
         if lin.weight.device.type != "cpu" or lin.weight.dtype != torch.float32:
-            raise ConfigError(f"weight-only int8 takes fp32 CPU weights; {name} is {lin.weight.dtype} on {lin.weight.device}")
+            raise ConfigError(
+                f"weight-only int8 takes fp32 CPU weights; {name} is {lin.weight.dtype} on {lin.weight.device}"
+            )
         owner, _, leaf = name.rpartition(".")
         setattr(model.llm.get_submodule(owner) if owner else model.llm, leaf, Int8WeightOnlyLinear(lin))
 

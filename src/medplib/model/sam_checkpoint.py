@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -108,7 +109,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        except (SafetensorError, OSError) as exc:  # what safetensors raises for corrupt headers or data
             raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
     if path.suffix in (".pth", ".pt"):
         try:

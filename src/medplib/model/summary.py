@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from medplib.config import MedPLIBConfig
 from medplib.model.medplib import MedPLIBModel, SpecialIds
@@ -36,7 +37,9 @@ def build_on_meta(cfg: MedPLIBConfig, vocab_size: int) -> MedPLIBModel:
 
 
 def summarize(model: MedPLIBModel) -> Summary:
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
     parts = {
         "vision_tower": count(model.vision),
         "projector": count(model.projector),
@@ -60,7 +63,7 @@ def summarize(model: MedPLIBModel) -> Summary:
         vis = model.vision(torch.empty(1, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev))
         pix = model.pixel_encoder(torch.empty(1, 3, cfg.pixel.image_size, cfg.pixel.image_size, device=dev))
     return Summary(
-        parts=parts, total=total, active=total - idle, image_tokens=cfg.vision.num_image_tokens, vision_width=vis.shape[2],
-        llm_layers=model.llm.config.num_hidden_layers, llm_hidden=model.llm.config.hidden_size,
-        pixel_embedding=tuple(pix.shape[1:]),
+        parts=parts, total=total, active=total - idle, image_tokens=cfg.vision.num_image_tokens,
+        vision_width=vis.shape[2], llm_layers=model.llm.config.num_hidden_layers,
+        llm_hidden=model.llm.config.hidden_size, pixel_embedding=tuple(pix.shape[1:]),
     )

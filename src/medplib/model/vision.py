@@ -1,4 +1,5 @@
-"""Vision tower (CLIP or SigLIP from transformers, or the EfficientNet-Lite0 CNN) and the projector into the LLM width."""
+"""Vision tower (CLIP or SigLIP from transformers, or the EfficientNet-Lite0 CNN) and the projector into the LLM
+width."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import find_tied_parameters, set_module_tensor_to_device
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -123,7 +124,11 @@ def _check_keys(model: nn.Module, stored: dict[str, tuple[torch.dtype, tuple[int
     covered = {name for group in tied if any(n in stored for n in group) for name in group}
     missing = [k for k in own if k not in stored and k not in covered]
     unexpected = [k for k in stored if k not in own]
-    shapes = [f"{k}: file {list(stored[k][1])}, model {list(own[k])}" for k in stored if k in own and stored[k][1] != own[k]]
+    shapes = [
+        f"{k}: file {list(stored[k][1])}, model {list(own[k])}"
+        for k in stored
+        if k in own and stored[k][1] != own[k]
+    ]
     if missing or unexpected or shapes:
         raise CheckpointError(f"weights in {folder} do not match its config: missing {missing[:_SHOWN]}, "
                               f"unexpected {unexpected[:_SHOWN]}, wrong shapes {shapes[:_SHOWN]}")
@@ -169,10 +174,16 @@ def load_lean(build: Callable[[], nn.Module], folder: str | Path, *, device: str
     device = torch.device(device)
     for key, value in reader.tensors():
         current = model.get_parameter(key) if _is_parameter(model, key) else model.get_buffer(key)
-        set_module_tensor_to_device(model, key, device, value=value, dtype=_target_dtype(current, dtype), clear_cache=False)
+        set_module_tensor_to_device(
+            model, key, device, value=value, dtype=_target_dtype(current, dtype), clear_cache=False
+        )
         del value  # the file's bytes go now, not at the end of the loop
     _retie(model, tied)
-    left = [n for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()] if t.device.type == "meta"]
+    left = [
+        n
+        for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+        if t.device.type == "meta"
+    ]
     if left:
         raise CheckpointError(f"weights in {folder} left tensors unset: {left[:_SHOWN]}")
     # Parameters are already in place (no copy); this moves and casts the buffers built at init.
@@ -194,7 +205,7 @@ def load_eager(model: nn.Module, folder: str | Path) -> None:
     for path in files:
         try:
             state.update(load_file(str(path)))
-        except Exception as exc:  # safetensors raises its own error types for truncated/foreign files
+        except (SafetensorError, OSError) as exc:  # what safetensors raises for truncated/foreign files
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     stored = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
     _check_keys(model, stored, find_tied_parameters(model), folder)

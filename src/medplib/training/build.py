@@ -35,7 +35,8 @@ def upcycle(base: MedPLIB, experts: list[MedPLIB], spec: UpcycleSection) -> MedP
             raise RecipeError(f"upcycle.experts[{i}] is an MoE model; experts come from dense models")
         if len(e.tokenizer) != len(base.tokenizer) or e.tokenizer.get_vocab() != base.tokenizer.get_vocab():
             raise RecipeError(f"upcycle.experts[{i}] has a different tokenizer than the base model")
-    moe = dataclasses.replace(spec.moe_config(), num_experts=len(experts))  # the models given, whatever spec.experts names
+    # the models given, whatever spec.experts names
+    moe = dataclasses.replace(spec.moe_config(), num_experts=len(experts))
     replace_mlps_with_moe(base.model.llm, moe, expert_sources=[e.model.llm for e in experts])
     for part in PIXEL_PARTS:
         getattr(base.model, part).load_state_dict(getattr(experts[0].model, part).state_dict())

@@ -64,7 +64,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     pos, has_gauss, gauss = state["numpy_rest"]
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(gauss)))
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
 
 

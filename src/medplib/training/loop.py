@@ -32,10 +32,22 @@ from medplib.api import MedPLIB
 from medplib.model.moe import moe_layers
 from medplib.processing import Processor
 from medplib.training.build import build_model
-from medplib.training.checkpoint import (latest_checkpoint, load_checkpoint, load_engine_checkpoint, save_checkpoint,
-                                         save_engine_checkpoint)
-from medplib.training.data import (GROUP_NAMES, EncodeCollate, StreamSampler, StreamView, build_dataset,
-                                   route_targets, token_groups)
+from medplib.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_engine_checkpoint,
+    save_checkpoint,
+    save_engine_checkpoint,
+)
+from medplib.training.data import (
+    GROUP_NAMES,
+    EncodeCollate,
+    StreamSampler,
+    StreamView,
+    build_dataset,
+    route_targets,
+    token_groups,
+)
 from medplib.training.optim import build_optimizer
 from medplib.training.recipe import LOSS_PARTS, Recipe, RecipeError
 from medplib.training.trainable import merge_lora

@@ -110,7 +110,9 @@ def parse_stage_overrides(items: Sequence[str]) -> dict[str, list[str]]:
 
 def stage_overrides(stage: str, preset: str, data: Path, run: Path, cfg: MedPLIBConfig) -> list[str]:
     """The overrides that place one stage of a pipeline run."""
-    d = lambda i: str(run / f"stage{i}" / MODEL_DIR)  # noqa: E731
+    def d(i: int) -> str:
+        return str(run / f"stage{i}" / MODEL_DIR)
+
     out = [f"data.dir={data}", f"output_dir={run / stage.split('_')[0]}"]
     if stage == "stage1_alignment":
         out += [f"model.preset={preset}"]

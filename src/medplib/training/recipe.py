@@ -56,7 +56,8 @@ class DataSection:
     sources: list[SourceSection] = field(default_factory=lambda: [SourceSection()])
     split: Literal["train", "val", "test"] = "train"
     num_workers: int = 0
-    augment: list[Literal["hflip", "vflip", "transpose"]] = field(default_factory=list)  # random flips (medplib.data.augment)
+    # random flips (medplib.data.augment)
+    augment: list[Literal["hflip", "vflip", "transpose"]] = field(default_factory=list)
 
 
 @dataclass
