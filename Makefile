@@ -24,8 +24,10 @@ browser:
 	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "chromium is missing and we are not root: the browser test will skip" >&2; fi
 
+# The linter first (ruff, configured in pyproject.toml), then the tests.
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: setup browser
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 

@@ -295,7 +295,8 @@ def greedy(model: nn.Module, prompt: Tensor, steps: int) -> tuple[list[int], lis
     for _ in range(steps):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(nxt))
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        name = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
+        out = model(input_ids=nxt, use_cache=True, **{name: out[name]})
         logits.append(out.logits[:, -1])
     return tokens, logits
 
