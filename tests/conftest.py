@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:  # annotations only: the fixtures import these where they run
+    import numpy as np
+    import typer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -61,7 +66,8 @@ def kvasir_model(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     m = MedPLIB.from_preset("tiny", seed=0)
     items = [
-        m.processor.encode(img, [Turn(role="user", content=KVASIR_QUESTION), Turn(role="assistant", content=KVASIR_ANSWER)],
+        m.processor.encode(img, [Turn(role="user", content=KVASIR_QUESTION),
+                                 Turn(role="assistant", content=KVASIR_ANSWER)],
                            target_masks=[mask])
         for _, img, mask in kvasir_images(shared_data, 4)
     ]

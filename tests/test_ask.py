@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from conftest import KVASIR_QUESTION, kvasir_images
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.data.masks import rle_decode
 from medplib.errors import InputError
 
@@ -26,7 +26,9 @@ def _dice(p: np.ndarray, g: np.ndarray) -> float:
     return float(2 * (p & g).sum() / max(1, p.sum() + g.sum()))
 
 
-def test_ask_on_kvasir_prints_answer_and_writes_mask_and_overlay(kvasir_model: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_ask_on_kvasir_prints_answer_and_writes_mask_and_overlay(
+    kvasir_model: Path, shared_data: Path, tmp_path: Path
+) -> None:
     image_id, rgb, gt = kvasir_images(shared_data, 1)[0]
     image = shared_data / "kvasir_seg" / "images" / f"{image_id}.jpg"
     mask_out, overlay_out = tmp_path / "out" / "mask.png", tmp_path / "out" / "overlay.png"
@@ -45,12 +47,15 @@ def test_ask_on_kvasir_prints_answer_and_writes_mask_and_overlay(kvasir_model: P
     changed = np.abs(ov - rgb.astype(int)).sum(axis=2) > 0
     assert _dice(changed, mask > 0) >= 0.95  # the overlay colours the mask and nothing else
 
-    bad = subprocess.run([*MEDPLIB, "ask", "--model", str(kvasir_model), str(image), "What is this?", "--point", "5000,3"],
+    bad = subprocess.run([*MEDPLIB, "ask", "--model", str(kvasir_model), str(image), "What is this?",
+                          "--point", "5000,3"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert bad.returncode == 2 and "outside" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_ask_json_on_dicom_with_point_and_free_form_region(runner_app: typer.Typer, kvasir_model: Path, tmp_path: Path) -> None:
+def test_ask_json_on_dicom_with_point_and_free_form_region(
+    runner_app: typer.Typer, kvasir_model: Path, tmp_path: Path
+) -> None:
     from pydicom.data import get_testdata_file
 
     dcm = get_testdata_file("CT_small.dcm")  # a real 128 x 128 CT slice
@@ -58,8 +63,9 @@ def test_ask_json_on_dicom_with_point_and_free_form_region(runner_app: typer.Typ
     region[40:70, 50:90] = 255
     Image.fromarray(region).save(tmp_path / "region.png")
     overlay_out = tmp_path / "ov.png"
-    res = CliRunner().invoke(runner_app, ["ask", dcm, "Is <region> brighter than <region>?", "--model", str(kvasir_model),
-                                          "--point", "64,64", "--region-mask", str(tmp_path / "region.png"), "--json",
+    res = CliRunner().invoke(runner_app, ["ask", dcm, "Is <region> brighter than <region>?",
+                                          "--model", str(kvasir_model), "--point", "64,64",
+                                          "--region-mask", str(tmp_path / "region.png"), "--json",
                                           "--max-new-tokens", "6", "--overlay-out", str(overlay_out)])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -75,8 +81,8 @@ def test_ask_on_a_nifti_slice(runner_app: typer.Typer, kvasir_model: Path) -> No
     import nibabel.testing
 
     nii = Path(nibabel.testing.data_path) / "standard.nii.gz"
-    res = CliRunner().invoke(runner_app, ["ask", str(nii), "What is shown?", "--model", str(kvasir_model), "--slice", "1",
-                                          "--box", "0,0,2,2", "--json", "--max-new-tokens", "4"])
+    res = CliRunner().invoke(runner_app, ["ask", str(nii), "What is shown?", "--model", str(kvasir_model),
+                                          "--slice", "1", "--box", "0,0,2,2", "--json", "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output
     assert "text" in json.loads(res.stdout)
     res = CliRunner().invoke(runner_app, ["ask", str(nii), "What?", "--model", str(kvasir_model), "--slice", "99"])
@@ -88,14 +94,18 @@ def test_ask_on_a_nifti_slice(runner_app: typer.Typer, kvasir_model: Path) -> No
     (["--box", "50,50,10,10"], "x1 <= x2"),
     (["--box", "a,b,c,d"], "4 comma-separated"),
 ])
-def test_ask_rejects_malformed_regions(runner_app: typer.Typer, kvasir_model: Path, shared_data: Path, args: list, words: str) -> None:
+def test_ask_rejects_malformed_regions(
+    runner_app: typer.Typer, kvasir_model: Path, shared_data: Path, args: list, words: str
+) -> None:
     image_id = kvasir_images(shared_data, 1)[0][0]
     image = shared_data / "kvasir_seg" / "images" / f"{image_id}.jpg"
     res = CliRunner().invoke(runner_app, ["ask", str(image), "What?", "--model", str(kvasir_model), *args])
     assert isinstance(res.exception, InputError) and words in str(res.exception)
 
 
-def test_unwritable_outputs_fail_before_the_model_runs(runner_app: typer.Typer, shared_data: Path, tmp_path: Path) -> None:
+def test_unwritable_outputs_fail_before_the_model_runs(
+    runner_app: typer.Typer, shared_data: Path, tmp_path: Path
+) -> None:
     import nibabel.testing
 
     image_id = kvasir_images(shared_data, 1)[0][0]

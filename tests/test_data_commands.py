@@ -23,7 +23,8 @@ runner = CliRunner()
     ("sa-med2d", "sam_med2d_demo", ["--modality", "ct"]),
 ])
 def test_build_real_datasets(shared_data: Path, tmp_path: Path, source: str, folder: str, extra: list[str]) -> None:
-    res = runner.invoke(data_app, ["build", str(shared_data / folder), "--source", source, "--out", str(tmp_path), *extra])
+    res = runner.invoke(data_app, ["build", str(shared_data / folder), "--source", source, "--out", str(tmp_path),
+                                   *extra])
     assert res.exit_code == 0, res.output
     assert "task:" in res.output and "modality:" in res.output  # stats are printed
     samples = list(read_jsonl(tmp_path / "samples.jsonl"))

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from medplib.data.commands import data_app
 from medplib.data.converters import build_source
-from medplib.data.converters.med_grit import read_med_grit
 from medplib.data.converters.mecovqa import read_mecovqa
+from medplib.data.converters.med_grit import read_med_grit
 from medplib.data.converters.sa_med2d import group_of, label_from_mask_name
-from medplib.data.schema import MaskRegion, read_jsonl, write_jsonl
+from medplib.data.schema import MaskRegion, write_jsonl
 
 STEM = "ct_00--AbdomenCT1K--Case_00220--x_0359"
 MECOVQA = [
@@ -29,7 +29,8 @@ MECOVQA = [
     {"id": "q7", "image": "mr_t1--BraTS--BraTS_001--z_0080.png", "conversations": [
         {"from": "human", "value": "<image>\nIs there a tumor?"}, {"from": "gpt", "value": "Yes."},
         {"from": "human", "value": "Compare <region>a.png</region> with <region>b.png</region>."},
-        {"from": "gpt", "value": "The first <SEG> <mask>m1.png</mask>is larger than<mask>m2.png</mask> the second <SEG>."}],
+        {"from": "gpt",
+         "value": "The first <SEG> <mask>m1.png</mask>is larger than<mask>m2.png</mask> the second <SEG>."}],
      "answer_type": "closed"},
 ]
 MED_GRIT = [
@@ -50,12 +51,15 @@ def test_mecovqa_round_trip_is_identical(tmp_path: Path) -> None:
     assert isinstance(samples[1].regions[0], MaskRegion) and samples[1].conversations[0].content.count("<region>") == 1
     write_jsonl(samples, tmp_path / "ours.jsonl")
     # exported next to the original, so paths come back exactly as written there
-    res = CliRunner().invoke(data_app, ["export", str(tmp_path / "ours.jsonl"), "--to", "mecovqa", "--out", str(tmp_path)])
+    res = CliRunner().invoke(data_app, ["export", str(tmp_path / "ours.jsonl"), "--to", "mecovqa",
+                                        "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     back = json.loads((tmp_path / "mecovqa.json").read_text())
     assert json.dumps(back) == json.dumps(MECOVQA)  # same records, same key order
-    moved = CliRunner().invoke(data_app, ["export", str(tmp_path / "ours.jsonl"), "--to", "mecovqa", "--out", str(tmp_path / "sub")])
-    assert moved.exit_code == 0 and json.loads((tmp_path / "sub" / "mecovqa.json").read_text())[0]["image"] == f"../{STEM}.png"
+    moved = CliRunner().invoke(data_app, ["export", str(tmp_path / "ours.jsonl"), "--to", "mecovqa",
+                                          "--out", str(tmp_path / "sub")])
+    assert moved.exit_code == 0
+    assert json.loads((tmp_path / "sub" / "mecovqa.json").read_text())[0]["image"] == f"../{STEM}.png"
 
 
 def test_med_grit_round_trip_is_identical(tmp_path: Path) -> None:
@@ -66,7 +70,8 @@ def test_med_grit_round_trip_is_identical(tmp_path: Path) -> None:
     assert samples[0].targets[0].box == (24.0, 30.0, 96.0, 64.0)  # 0..1000 grid -> pixels of the 200x100 image
     assert samples[1].targets == [] and samples[1].modality == "mr"
     write_jsonl(samples, tmp_path / "ours.jsonl")
-    res = CliRunner().invoke(data_app, ["export", str(tmp_path / "ours.jsonl"), "--to", "med-grit", "--out", str(tmp_path / "back")])
+    res = CliRunner().invoke(data_app, ["export", str(tmp_path / "ours.jsonl"), "--to", "med-grit",
+                                        "--out", str(tmp_path / "back")])
     assert res.exit_code == 0, res.output
     back = json.loads((tmp_path / "back" / "med_grit.json").read_text())
     assert json.dumps(back) == json.dumps(MED_GRIT)
@@ -74,9 +79,12 @@ def test_med_grit_round_trip_is_identical(tmp_path: Path) -> None:
 
 def test_built_samples_export_to_both_formats(tmp_path: Path) -> None:
     runner = CliRunner()
-    assert runner.invoke(data_app, ["build", "--source", "phantoms", "--out", str(tmp_path), "--n", "4", "--size", "64"]).exit_code == 0
+    built = runner.invoke(data_app, ["build", "--source", "phantoms", "--out", str(tmp_path),
+                                     "--n", "4", "--size", "64"])
+    assert built.exit_code == 0
     for fmt, name in (("mecovqa", "mecovqa.json"), ("med-grit", "med_grit.json")):
-        res = runner.invoke(data_app, ["export", str(tmp_path / "samples.jsonl"), "--to", fmt, "--out", str(tmp_path / "x")])
+        res = runner.invoke(data_app, ["export", str(tmp_path / "samples.jsonl"), "--to", fmt,
+                                       "--out", str(tmp_path / "x")])
         assert res.exit_code == 0, res.output
         records = json.loads((tmp_path / "x" / name).read_text())
         assert records
@@ -99,7 +107,8 @@ def test_kvasir_boxes_are_scaled_to_the_stored_images(shared_data: Path, tmp_pat
     key = "cju0qkwl35piu0993l0dewei2"
     e = table[key]
     b = e["bbox"][0]
-    want = (b["xmin"] * 256 / e["width"], b["ymin"] * 256 / e["height"], b["xmax"] * 256 / e["width"], b["ymax"] * 256 / e["height"])
+    want = (b["xmin"] * 256 / e["width"], b["ymin"] * 256 / e["height"],
+            b["xmax"] * 256 / e["width"], b["ymax"] * 256 / e["height"])
     inst = items[key].instances[0]
     assert inst.box == want and inst.mask.shape == (256, 256)
     rows, cols = np.nonzero(inst.mask)

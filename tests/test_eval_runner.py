@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import kvasir_images
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,8 +19,6 @@ from medplib.evaluation.benchmarks import BENCHMARK_READERS
 from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.report import run_report
 from medplib.evaluation.runner import exchange_task, predict, select_samples, text_boxes
-
-from conftest import kvasir_images
 
 runner = CliRunner()
 ARTEFACTS = ("metrics.json", "predictions.jsonl", "report.md", "per_modality.png")
@@ -118,7 +117,8 @@ def test_bad_samples_are_reported_and_counted_not_fatal(kvasir_model, shared_dat
               "conversations": [{"role": "user", "content": "Please segment the polyp."},
                                 {"role": "assistant", "content": "Sure, it is [SEG]."}],
               "targets": [{"mask": str(kv / "masks" / f"{i}.jpg")}], "modality": "endoscopy"} for i in ids]
-    lines += [dict(lines[0], id="missing", image="no_such_image.jpg"), dict(lines[0], id="corrupt", image="corrupt.jpg")]
+    lines += [dict(lines[0], id="missing", image="no_such_image.jpg"),
+              dict(lines[0], id="corrupt", image="corrupt.jpg")]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     res = _eval(kvasir_model, "jsonl", tmp_path / "s.jsonl", tmp_path / "out")
     assert res.exit_code == 0, res.output

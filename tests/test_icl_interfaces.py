@@ -14,10 +14,10 @@ import httpx
 import numpy as np
 import pytest
 import typer
+from conftest import kvasir_images
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import kvasir_images
 from medplib.api import MedPLIB
 from medplib.errors import InputError
 from medplib.inference import Predictor
@@ -34,7 +34,9 @@ def _small(img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def files(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, Path, np.ndarray, np.ndarray]]:
+def files(
+    shared_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> list[tuple[Path, Path, np.ndarray, np.ndarray]]:
     """Four real (image, polyp mask) pairs written as PNG files: (image path, mask path, rgb, mask)."""
     folder = tmp_path_factory.mktemp("kvasir_small")
     out = []
@@ -77,7 +79,8 @@ def test_cli_malformed_examples_are_input_errors(runner_app, files, model_dir: P
     Image.fromarray(mask[:-7].astype(np.uint8) * 255).save(cropped)
     Image.fromarray(np.zeros_like(mask, np.uint8)).save(empty)
     cases = [(f"{files[0][0]}:{cropped}", "the mask is"), (f"{files[0][0]}:{empty}", "mask is empty"),
-             (f"{tmp_path / 'gone.png'}:{mask_path}", "not found"), (f"{files[0][0]}:{tmp_path / 'gone.png'}", "not found"),
+             (f"{tmp_path / 'gone.png'}:{mask_path}", "not found"),
+             (f"{files[0][0]}:{tmp_path / 'gone.png'}", "not found"),
              (str(files[0][0]), "IMAGE:MASK")]
     for spec, words in cases:
         res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--example", spec)
@@ -98,14 +101,15 @@ def test_cli_retrieve_uses_the_index_and_never_the_query(runner_app, files, mode
     q, _, rgb, _ = files[0]  # indexed itself: it must not be its own example
     got = retrieve_examples(ExampleIndex.load(tmp_path / "idx"), emb, rgb, k=3)
     assert len(got) == 3 and not any(np.array_equal(e.image, rgb) for e in got)
-    res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--json", "--max-new-tokens", "4", "--retrieve", tmp_path / "idx",
-               "--k", "2")
+    res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--json", "--max-new-tokens", "4",
+               "--retrieve", tmp_path / "idx", "--k", "2")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     p = Predictor(m)
     p.set_image(rgb)
     assert out["examples"] == 2 and out["text"] == p.ask(QUESTION, examples=got[:2], max_new_tokens=4).text
-    res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--retrieve", tmp_path / "idx", "--retrieve-label", "liver")
+    res = _ask(runner_app, q, QUESTION, "--model", model_dir, "--retrieve", tmp_path / "idx",
+               "--retrieve-label", "liver")
     assert isinstance(res.exception, InputError) and "no example labelled 'liver'" in str(res.exception)
 
 
@@ -148,7 +152,8 @@ def test_http_malformed_examples_get_400_and_the_server_keeps_serving(server: st
     ok = {"image": _url(img), "mask": _url(files[0][3])}
     cases = [
         ("size", [{"image": _url(img), "mask": _url(mask[:-5])}], "examples[0]: the mask is"),
-        ("empty", [ok, {"image": _url(img), "mask": _url(np.zeros(files[0][3].shape, bool))}], "examples[1]: the mask is empty"),
+        ("empty", [ok, {"image": _url(img), "mask": _url(np.zeros(files[0][3].shape, bool))}],
+         "examples[1]: the mask is empty"),
         ("not an image", [{"image": _url(img), "mask": "data:image/png;base64," + base64.b64encode(b"hi").decode()}],
          "examples[0]: mask is not a readable"),
         ("too many", [ok] * 4, "at most 3"),

@@ -74,7 +74,8 @@ def write_demo_dataset(data: Path, n_phantoms: int, seed: int, size: int = 256,
     samples = [s for s in build_samples(items, data, BuildConfig(seed=seed, test_fraction=TEST_FRACTION))
                if s.task in DEMO_TASKS or s.meta.get("kind") in DEMO_KINDS]
     write_jsonl(samples, out)
-    log(f"wrote {len(items) - n_mni} phantoms and {n_mni} MNI152 brain MRI slices with {len(samples)} questions to {out}")
+    log(f"wrote {len(items) - n_mni} phantoms and {n_mni} MNI152 brain MRI slices with {len(samples)} questions "
+        f"to {out}")
     return out
 
 
@@ -94,9 +95,15 @@ def evaluate(m: MedPLIB, test: Sequence[LoadedSample]) -> dict[str, float]:
     vqa = [s for s in test if s.sample.task == "vqa" and s.sample.meta.get("kind") == "modality"][:MAX_EVAL]
     region = [s for s in test if s.sample.task == "region_vqa" and s.sample.meta.get("kind") == "label"][:MAX_EVAL]
     seg = [s for s in test if s.sample.task == "grounding"][:MAX_EVAL]  # absent structures too, as medplib eval
-    acc = lambda xs, regions: float(np.mean([  # noqa: E731
-        normalized_match(m.generate(s.image, _question(s), s.regions if regions else (), s.region_masks if regions else None).text,
-                         s.sample.conversations[1].content) for s in xs])) if xs else float("nan")
+
+    def acc(xs: list[LoadedSample], regions: bool) -> float:
+        if not xs:
+            return float("nan")
+        return float(np.mean([
+            normalized_match(m.generate(s.image, _question(s), s.regions if regions else (),
+                                        s.region_masks if regions else None).text,
+                             s.sample.conversations[1].content) for s in xs]))
+
     dices = [_grounding_score(s, m.generate(s.image, _question(s)))[1] for s in seg]
     return {"modality_accuracy": acc(vqa, False), "region_label_accuracy": acc(region, True),
             "grounding_mdice": float(np.mean(dices)) if dices else float("nan"),

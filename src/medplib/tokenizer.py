@@ -18,9 +18,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from medplib.config import VICUNA_SYSTEM, TokenizerConfig
 from medplib.data.builder import SEGMENT_QUESTION
+
 # The tokens sample text carries are defined with the schema: data code reads them without importing the model.
-from medplib.data.schema import (BOX_END_TOKEN as BOX_END, BOX_START_TOKEN as BOX_START, IMAGE_TOKEN as IMAGE,
-                                 REGION_TOKEN as REGION, SEG_TOKEN as SEG, read_jsonl)
+from medplib.data.schema import BOX_END_TOKEN as BOX_END
+from medplib.data.schema import BOX_START_TOKEN as BOX_START
+from medplib.data.schema import IMAGE_TOKEN as IMAGE
+from medplib.data.schema import REGION_TOKEN as REGION
+from medplib.data.schema import SEG_TOKEN as SEG
+from medplib.data.schema import read_jsonl
 from medplib.errors import CheckpointError, ConfigError
 from medplib.model import packaged
 

@@ -287,8 +287,8 @@ class _Writer:
             yield self.sample("grounding", self.pick(_T_SEG).format(target=s.label), answer, "open", targets=[target])
         if self.cfg.negatives and self.absent:
             label = self.pick(self.absent)
-            yield self.sample("grounding", self.pick(_T_SEG).format(target=label), self.pick(_A_SEG_NONE).format(l=label),
-                              "open", kind="absent")
+            yield self.sample("grounding", self.pick(_T_SEG).format(target=label),
+                              self.pick(_A_SEG_NONE).format(l=label), "open", kind="absent")
 
     def box_grounding(self) -> Iterator[Sample]:
         h, w = self.structures[0].mask.shape if self.structures else (0, 0)

@@ -40,9 +40,13 @@ def build(
     src: Optional[Path] = typer.Argument(None, help="dataset folder or file (not needed for phantoms)"),
     source: Source = typer.Option(..., "--source", help="layout of SRC"),
     out: Path = typer.Option(..., "--out", help="output folder: samples.jsonl and any written masks"),
-    tasks: str = typer.Option(",".join(TASKS), help=f"comma-separated builder tasks (mask sources); all: {','.join(ALL_TASKS)}"),
+    tasks: str = typer.Option(
+        ",".join(TASKS), help=f"comma-separated builder tasks (mask sources); all: {','.join(ALL_TASKS)}"
+    ),
     seed: int = typer.Option(0, help="seed for phrasings, region prompts and splits"),
-    modality: Optional[str] = typer.Option(None, help="modality when the source does not say (sa-med2d, lvit, volumes)"),
+    modality: Optional[str] = typer.Option(
+        None, help="modality when the source does not say (sa-med2d, lvit, volumes)"
+    ),
     target: Optional[str] = typer.Option(None, help="what the LViT masks segment (default from the dataset name)"),
     image_dir: Optional[Path] = typer.Option(None, help="image folder for VQA, MeCoVQA and Med-GRIT files"),
     n: int = typer.Option(90, help="number of phantoms"),
@@ -66,8 +70,9 @@ def build(
             paraphrase = Paraphraser(paraphrase_url, paraphrase_model, out / "paraphrase_cache.json")
         if box_format not in ("med-grit", "minigpt"):
             raise MedplibError(f"--box-format must be med-grit or minigpt, not {box_format!r}")
-        cfg = BuildConfig(seed=seed, tasks=[t.strip() for t in tasks.split(",") if t.strip()], val_fraction=val_fraction,
-                          test_fraction=test_fraction, box_format=box_format, paraphrase=paraphrase)
+        cfg = BuildConfig(seed=seed, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                          val_fraction=val_fraction, test_fraction=test_fraction, box_format=box_format,
+                          paraphrase=paraphrase)
         out.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -15,7 +15,6 @@ import typer
 from medplib.errors import MedplibError
 from medplib.evaluation.benchmarks import BENCHMARK_READERS
 
-
 # --benchmark choices: the runner's readers' table ("kvasir-seg" -> Benchmark.kvasir_seg), then volumes, which
 # medplib.evaluation.volume_eval scores in 3-D
 Benchmark = Enum("Benchmark", {name.replace("-", "_"): name for name in (*BENCHMARK_READERS, "volumes")}, type=str)
@@ -36,7 +35,8 @@ class Split(str, Enum):
 def eval_command(
     model: Path = typer.Option(..., "--model", exists=True, file_okay=False, help="saved medplib model folder"),
     benchmark: Benchmark = typer.Option(..., "--benchmark", help="dataset layout and task of --data"),
-    data: Path = typer.Option(..., "--data", exists=True, help="dataset folder, or the file for mecovqa, med-grit, jsonl; "
+    data: Path = typer.Option(..., "--data", exists=True,
+                              help="dataset folder, or the file for mecovqa, med-grit, jsonl; "
                               "volumes: a folder of volume cases (image, labels.nii.gz, labels.json)"),
     out: Path = typer.Option(..., "--out", help="output folder; re-running with it resumes"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N test samples"),

@@ -140,7 +140,8 @@ def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
     question, reference = sample.conversations[0].content, sample.conversations[1].content
     n_regions = question.count(REGION_TOKEN)
     answer = model.generate(loaded.image, question, regions=loaded.regions[:n_regions],
-                            region_arrays=loaded.region_masks[:n_regions], examples=loaded.examples)  # icl samples' examples
+                            region_arrays=loaded.region_masks[:n_regions],
+                            examples=loaded.examples)  # icl samples' examples
     task = exchange_task(sample)
     hw = (int(loaded.image.shape[0]), int(loaded.image.shape[1]))
     rec: dict[str, Any] = {
@@ -152,7 +153,8 @@ def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
         rec.update(gt_mask=gt, pred_mask=pred, n_pred_masks=len(answer.masks), image=_image_path(sample, root))
     elif task == "box_grounding":
         fmt = _box_format(sample)
-        rec.update(gt_boxes=text_boxes(reference, fmt, hw[1], hw[0]), pred_boxes=text_boxes(answer.text, fmt, hw[1], hw[0]))
+        rec.update(gt_boxes=text_boxes(reference, fmt, hw[1], hw[0]),
+                   pred_boxes=text_boxes(answer.text, fmt, hw[1], hw[0]))
     elif task in ("vqa", "region_vqa"):
         rec["answer_type"] = sample.answer_type or "open"
         if sample.meta.get("question_type"):

@@ -66,7 +66,8 @@ def _report(metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {lab} | {m['n']} | {f(m['dice'])} | {f(m['hd95_mm'], 1)} |")
     lines.append(f"| **all** | {metrics['n']} | {f(metrics['dice'])} | {f(metrics['hd95_mm'], 1)} |")
     lines += ["", "| case | structure | Dice | HD95 (mm) | predicted ml | reference ml |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['label']} | {f(r['dice'])} | {f(r['hd95_mm'], 1)} | {r['pred_ml']:.1f} | {r['gt_ml']:.1f} |"
+    lines += [f"| {r['case']} | {r['label']} | {f(r['dice'])} | {f(r['hd95_mm'], 1)} | "
+              f"{r['pred_ml']:.1f} | {r['gt_ml']:.1f} |"
               for r in records]
     return "\n".join(lines) + "\n"
 
@@ -110,8 +111,8 @@ def run_volume_benchmark(model_path: str | Path, data: str | Path, out: str | Pa
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")
-    metrics = {**summarize(records), "benchmark": "volumes", "model": str(model_path), "data": str(Path(data).resolve()),
-               "split": split, "axis": axis, "postprocess": list(postprocess)}
+    metrics = {**summarize(records), "benchmark": "volumes", "model": str(model_path),
+               "data": str(Path(data).resolve()), "split": split, "axis": axis, "postprocess": list(postprocess)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(_report(metrics, records), encoding="utf-8")
     log(f"volumes: {len(records)} structures on {len(chosen)} case(s): Dice {metrics['dice']}, HD95 "

@@ -103,7 +103,8 @@ def _stack_prefix(caches: Sequence[Any], n_layers: int) -> DynamicCache:
     the stored prefixes stay at their length while the batch's cache grows."""
     cache = DynamicCache()
     for layer in range(n_layers):
-        cache.update(torch.cat([c.layers[layer].keys for c in caches]), torch.cat([c.layers[layer].values for c in caches]), layer)
+        cache.update(torch.cat([c.layers[layer].keys for c in caches]),
+                     torch.cat([c.layers[layer].values for c in caches]), layer)
     return cache
 
 
@@ -138,7 +139,8 @@ class StaticStep(nn.Module):
         self.layers = list(self.decoder.layers[:n])
         for part in ("rotary_emb", "norm"):
             if not hasattr(self.decoder, part):
-                raise InputError(f"static decoding needs a LLaMA-style decoder; {type(self.decoder).__name__} has no {part}")
+                raise InputError(f"static decoding needs a LLaMA-style decoder; "
+                                 f"{type(self.decoder).__name__} has no {part}")
         attn = self.layers[0].self_attn
         if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
             raise InputError(f"static decoding needs LLaMA-style attention, not {type(attn).__name__}")

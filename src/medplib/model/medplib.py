@@ -145,7 +145,9 @@ class MedPLIBModel(nn.Module):
         self.region_encoder = RegionEncoder(self.vision.hidden_size, hidden, cfg.region.max_points, cfg.region.spatial)
         self.pixel_encoder, self.mask_decoder = _build_pixel_parts(cfg)
         # Published: Linear(H, H), ReLU, Linear(H, 256) on the hidden state that predicts [SEG].
-        self.seg_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.decoder.transformer_dim))
+        self.seg_proj = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cfg.decoder.transformer_dim)
+        )
         if cfg.moe.num_experts:
             replace_mlps_with_moe(self.llm, cfg.moe)
         # How cached decoding runs its steps: "eager" (the reference), "static" or "compiled" (decoding.py).
@@ -189,15 +191,18 @@ class MedPLIBModel(nn.Module):
         emb = self.llm.get_input_embeddings()(input_ids)
         is_img = input_ids == self.ids.image
         n_img = is_img.sum(dim=1)
-        examples = [torch.cat(f) if f else None for f in example_feats] if example_feats is not None else [None] * len(n_img)
+        examples = ([torch.cat(f) if f else None for f in example_feats] if example_feats is not None
+                    else [None] * len(n_img))
         if len(examples) != input_ids.shape[0]:
             raise InputError(f"{len(examples)} example lists for {input_ids.shape[0]} sequences")
         n_ex = [0 if f is None else int(f.shape[0]) for f in examples]
         want = [self.cfg.vision.num_image_tokens + k * self.cfg.num_example_tokens for k in n_ex]
         if n_img.tolist() != want:
             if not any(n_ex):
-                raise InputError(f"each sequence needs {self.cfg.vision.num_image_tokens} image tokens, found {n_img.tolist()}")
-            raise InputError(f"with {n_ex} example images the sequences need {want} image tokens, found {n_img.tolist()}")
+                raise InputError(f"each sequence needs {self.cfg.vision.num_image_tokens} image tokens, "
+                                 f"found {n_img.tolist()}")
+            raise InputError(f"with {n_ex} example images the sequences need {want} image tokens, "
+                             f"found {n_img.tolist()}")
         img = self.projector(self._pool_tokens(vision_feats)).to(emb.dtype)
         if any(n_ex):
             # Examples precede the query in every prompt; masked_scatter fills row by row, in order.
@@ -226,7 +231,8 @@ class MedPLIBModel(nn.Module):
         prompts = self.seg_proj(seg_hidden.to(next(self.seg_proj.parameters()).dtype)).unsqueeze(1)
         low_res, iou = self.mask_decoder(pixel_embeddings.to(prompts.dtype), prompts)
         size = self.cfg.pixel.image_size
-        masks = [postprocess_masks(low_res[i : i + 1], size, valid_hw[i], original_hw[i])[0, 0] for i in range(len(original_hw))]
+        masks = [postprocess_masks(low_res[i : i + 1], size, valid_hw[i], original_hw[i])[0, 0]
+                 for i in range(len(original_hw))]
         return masks, iou.view(-1)
 
     def enable_activation_checkpointing(self) -> None:
@@ -282,7 +288,8 @@ class MedPLIBModel(nn.Module):
             logits = head(hidden[:, :-1][predicts])
             parts["ce"] = F.cross_entropy(logits.float(), labels[:, 1:][predicts]) if predicts.any() else zero
         # The hidden state at position i predicts token i+1: that is the one a [SEG] answer uses.
-        answer = labels[:, 1:] != IGNORE_INDEX if labels is not None else torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+        answer = (labels[:, 1:] != IGNORE_INDEX if labels is not None
+                  else torch.ones_like(input_ids[:, 1:], dtype=torch.bool))
         seg_at = (input_ids[:, 1:] == self.ids.seg) & answer
         mask_logits: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
         bce, dice, focal, iou_l = [], [], [], []
@@ -290,7 +297,8 @@ class MedPLIBModel(nn.Module):
             rows, cols = torch.nonzero(seg_at, as_tuple=True)
             for b in rows.unique().tolist():
                 if int((rows == b).sum()) != len(target_masks[b]):
-                    raise InputError(f"sample {b}: {int((rows == b).sum())} [SEG] tokens but {len(target_masks[b])} target masks")
+                    raise InputError(f"sample {b}: {int((rows == b).sum())} [SEG] tokens but "
+                                     f"{len(target_masks[b])} target masks")
             used = rows.unique()
             pix = self.encode_pixels(pixel_values[used])
             slot = {int(b): i for i, b in enumerate(used.tolist())}
@@ -316,7 +324,9 @@ class MedPLIBModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def generate_batch(self, requests: list[DecodeRequest], mode: str | None = None) -> list[GenerationOutput | Exception]:
+    def generate_batch(
+        self, requests: list[DecodeRequest], mode: str | None = None
+    ) -> list[GenerationOutput | Exception]:
         """Decode several prompts together, padded (`medplib.model.decoding.generate_batch`): per
         request its output or the exception it alone raised. `mode` defaults to `decode_mode`."""
         return generate_batch(self, requests, mode)

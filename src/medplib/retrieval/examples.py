@@ -79,8 +79,8 @@ ExampleInput = Union[Example, tuple[Any, Any]]  # an Example or an (image, mask)
 
 def as_example(item: ExampleInput, *, where: str = "example") -> Example:
     """An Example as given, or an (image, mask) pair checked into one: the image an (H, W[, 3]) uint8
-    array, a PIL image, an ImageData or a file path (`as_rgb`); the mask an (H, W) bool/integer array or a mask file path (with
-    the readers' `#options`). Raises InputError naming `where` (and the files) for a missing file, a
+    array, a PIL image, an ImageData or a file path (`as_rgb`); the mask an (H, W) bool/integer array or a mask
+    file path (with the readers' `#options`). Raises InputError naming `where` (and the files) for a missing file, a
     size mismatch, an empty mask or anything that is not such a pair."""
     if isinstance(item, Example):
         return item

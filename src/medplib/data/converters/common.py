@@ -11,7 +11,8 @@ from medplib.errors import DataValidationError, InputError
 
 MODALITY_ALIASES = {
     "ct": "ct", "mr": "mr", "mri": "mr", "x-ray": "xray", "xray": "xray", "cr": "xray", "dx": "xray", "pet": "pet",
-    "endoscopy": "endoscopy", "dermoscopy": "dermoscopy", "fundus": "fundus", "ultrasound": "ultrasound", "us": "ultrasound",
+    "endoscopy": "endoscopy", "dermoscopy": "dermoscopy", "fundus": "fundus",
+    "ultrasound": "ultrasound", "us": "ultrasound",
     "histopathology": "histopathology", "pathology": "histopathology",
 }
 

@@ -23,7 +23,9 @@ from medplib.errors import DataValidationError, InputError
 BOX_FILES = ("kavsir_bboxes.json", "kvasir_bboxes.json")
 
 
-def kvasir_boxes(entry: object, image_hw: tuple[int, int], where: str) -> list[tuple[str, tuple[float, float, float, float]]]:
+def kvasir_boxes(
+    entry: object, image_hw: tuple[int, int], where: str
+) -> list[tuple[str, tuple[float, float, float, float]]]:
     """One entry of the box file -> [(label, pixel box in the stored image)]."""
     if not isinstance(entry, dict) or not isinstance(entry.get("bbox"), list):
         raise DataValidationError("entry needs height, width and a bbox list", path=where)
@@ -50,8 +52,10 @@ def read_kvasir(src: str | Path, out_dir: str | Path, source: str = "kvasir-seg"
         raise DataValidationError("the box file must map ids to entries", path=str(box_file))
     missing = []
     for image_id, entry in table.items():
-        image = next((p for p in (src / "images" / f"{image_id}.jpg", src / "images" / f"{image_id}.png") if p.is_file()), None)
-        mask = next((p for p in (src / "masks" / f"{image_id}.jpg", src / "masks" / f"{image_id}.png") if p.is_file()), None)
+        image = next((p for p in (src / "images" / f"{image_id}.jpg", src / "images" / f"{image_id}.png")
+                      if p.is_file()), None)
+        mask = next((p for p in (src / "masks" / f"{image_id}.jpg", src / "masks" / f"{image_id}.png")
+                     if p.is_file()), None)
         if image is None or mask is None:
             missing.append(image_id)
             continue

@@ -22,7 +22,9 @@ from medplib.errors import DataValidationError, InputError
 _SPLITS = {"Train": "train", "Val": "val", "Test": "test"}
 # what the masks of each known LViT dataset segment, and its modality
 KNOWN = {"monuseg": ("nuclei", "histopathology"), "qata": ("infected area", "xray"), "mosmed": ("infected area", "ct")}
-_QUESTIONS = ["{d} Please segment the {t}.", "Segment the {t} described here: {d}", "{d} Where are the {t}? Output the mask."]
+_QUESTIONS = [
+    "{d} Please segment the {t}.", "Segment the {t} described here: {d}", "{d} Where are the {t}? Output the mask.",
+]
 
 
 def _dataset_defaults(src: Path) -> tuple[str, str | None]:
@@ -59,8 +61,10 @@ def read_lvit(src: str | Path, out_dir: str | Path, target: str | None = None, m
             obj = {
                 "id": f"{source}:{_SPLITS[split_name]}:{Path(name).stem}",
                 "image": rebase(f"img/{name}", folder, Path(out_dir)),
-                "conversations": [{"role": "user", "content": f"{IMAGE_TOKEN}\n" + _QUESTIONS[k].format(d=text, t=target)},
-                                  {"role": "assistant", "content": f"Sure, {SEG_TOKEN}."}],
+                "conversations": [
+                    {"role": "user", "content": f"{IMAGE_TOKEN}\n" + _QUESTIONS[k].format(d=text, t=target)},
+                    {"role": "assistant", "content": f"Sure, {SEG_TOKEN}."},
+                ],
                 "targets": [{"mask": rebase(f"labelcol/{name}", folder, Path(out_dir)),
                              "box": mask_to_box(mask) if np.any(mask) else None, "label": target}]
                 if np.any(mask) else [],

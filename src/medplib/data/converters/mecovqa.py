@@ -67,7 +67,8 @@ def record_to_sample(rec: Any, index: int, image_dir: Path, out_dir: Path, sourc
         "id": str(rec.get("id", f"{source}:{index}")), "image": rebase(rec["image"], image_dir, out_dir),
         "conversations": turns, "regions": regions, "targets": targets,
         "modality": modality_from_name(rec["image"]), "task": task, "source": source, "meta": meta,
-        "answer_type": str(answer_type).strip().lower() if str(answer_type).strip().lower() in ("open", "closed") else None,
+        "answer_type": (str(answer_type).strip().lower()
+                        if str(answer_type).strip().lower() in ("open", "closed") else None),
     }
     return parse_sample(obj, path=path, line=None)
 

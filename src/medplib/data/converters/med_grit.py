@@ -17,7 +17,16 @@ from medplib.data.boxes import MED_GRIT_GRID, box_to_grid, format_med_grit, grid
 from medplib.data.converters.common import load_json, modality_from_name, rebase
 from medplib.data.images import image_size
 from medplib.data.masks import read_mask
-from medplib.data.schema import IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, BoxRegion, MaskRegion, PolygonRegion, Sample, parse_sample
+from medplib.data.schema import (
+    IMAGE_TOKEN,
+    REGION_TOKEN,
+    SEG_TOKEN,
+    BoxRegion,
+    MaskRegion,
+    PolygonRegion,
+    Sample,
+    parse_sample,
+)
 from medplib.errors import DataValidationError, InputError
 
 _EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -55,9 +64,11 @@ def record_to_sample(rec: Any, index: int, image_dir: Path, out_dir: Path, sourc
     meta: dict[str, Any] = {"med_grit_id": stem, "med_grit_keys": list(rec.keys())}
     if extra:
         meta["med_grit_extra"] = extra
-    obj = {"id": f"{source}:{index}:{stem}", "image": rebase(image.relative_to(image_dir).as_posix(), image_dir, out_dir),
-           "conversations": turns, "targets": targets, "modality": modality_from_name(stem), "task": "box_grounding"
-           if any(parse_med_grit(a) for _, a in convs) else "vqa", "source": source, "group": stem, "meta": meta}
+    obj = {"id": f"{source}:{index}:{stem}",
+           "image": rebase(image.relative_to(image_dir).as_posix(), image_dir, out_dir),
+           "conversations": turns, "targets": targets, "modality": modality_from_name(stem),
+           "task": "box_grounding" if any(parse_med_grit(a) for _, a in convs) else "vqa",
+           "source": source, "group": stem, "meta": meta}
     return parse_sample(obj, path=path)
 
 

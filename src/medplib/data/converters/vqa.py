@@ -62,7 +62,9 @@ def record_to_sample(rec: Any, index: int, flavor: str, image_dir: Path, out_dir
     return parse_sample(obj, path=path)
 
 
-def read_vqa(src: str | Path, out_dir: str | Path, flavor: str = "vqa-rad", image_dir: str | Path | None = None) -> Iterator[Sample]:
+def read_vqa(
+    src: str | Path, out_dir: str | Path, flavor: str = "vqa-rad", image_dir: str | Path | None = None
+) -> Iterator[Sample]:
     """Samples from a VQA dataset folder (its split files) or from one JSON file (split: train,
     or the one its name says). Images are relative to `image_dir` (default `<folder>/images`,
     `<folder>/imgs` for SLAKE)."""
