@@ -119,22 +119,26 @@ def fuzz(base: str, n: int, image_url: str) -> Counter[int]:
     """`n` schema-generated requests over the three POST routes; statuses counted."""
     schema = schemathesis.openapi.from_url(base + "/openapi.json")
     statuses: Counter[int] = Counter()
+
+    def fuzz_route(path: str, mode: GenerationMode, max_examples: int) -> None:
+        @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(case=schema[path]["POST"].as_strategy(generation_mode=mode), deep=st.integers(0, 3))
+        def send(case: Any, deep: int) -> None:
+            if deep == 0 and isinstance(case.body, dict):  # past the model-name and image checks
+                case.body["model"] = MODEL
+                if path == "/v1/chat/completions":
+                    case.body["messages"] = _chat(image_url)["messages"]
+                else:
+                    case.body["image"] = image_url
+            statuses[case.call(base_url=base, timeout=120).status_code] += 1
+
+        send()
+
     ops = [("/v1/chat/completions", 0.5), ("/v1/segment", 0.3), ("/v1/preview", 0.2)]
     for path, share in ops:
         for mode in GenerationMode:
-            @settings(max_examples=max(1, round(n * share / 2)), deadline=None, database=None, derandomize=True,
-                      phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-            @given(case=schema[path]["POST"].as_strategy(generation_mode=mode), deep=st.integers(0, 3))
-            def send(case: Any, deep: int) -> None:
-                if deep == 0 and isinstance(case.body, dict):  # past the model-name and image checks
-                    case.body["model"] = MODEL
-                    if path == "/v1/chat/completions":
-                        case.body["messages"] = _chat(image_url)["messages"]
-                    else:
-                        case.body["image"] = image_url
-                statuses[case.call(base_url=base, timeout=120).status_code] += 1
-
-            send()
+            fuzz_route(path, mode, max(1, round(n * share / 2)))
     return statuses
 
 

@@ -44,7 +44,8 @@ def emit(**fields: object) -> None:
 def kvasir(root: Path, n: int) -> list[tuple[Path, np.ndarray, np.ndarray]]:
     folder = root / "kvasir_seg"
     ids = sorted(p.stem for p in (folder / "images").glob("*.jpg"))[:n]
-    return [(folder / "images" / f"{i}.jpg", np.asarray(Image.open(folder / "images" / f"{i}.jpg").convert("RGB")).copy(),
+    return [(folder / "images" / f"{i}.jpg",
+             np.asarray(Image.open(folder / "images" / f"{i}.jpg").convert("RGB")).copy(),
              np.asarray(Image.open(folder / "masks" / f"{i}.jpg").convert("L")) > 127) for i in ids]
 
 
@@ -57,7 +58,8 @@ def train_tiny(root: Path, out: Path) -> Path:
     from medplib.training.fit import fit
 
     m = MedPLIB.from_preset("tiny", seed=0)
-    items = [m.processor.encode(img, [Turn(role="user", content=QUESTION), Turn(role="assistant", content="Sure, it is [SEG].")],
+    items = [m.processor.encode(img, [Turn(role="user", content=QUESTION),
+                                      Turn(role="assistant", content="Sure, it is [SEG].")],
                                 target_masks=[mask]) for _, img, mask in kvasir(root, 4)]
     fit(m, items, steps=160, batch_size=4, lr=1e-3, seed=0)
     return m.save_pretrained(out)
@@ -140,8 +142,8 @@ def bench_http(model: Path, images: list, n_requests: int, concurrency: int, rep
         lat = [r[0] for r in results]
         errors = [r[1] for r in results if r[1] != 200]
         emit(bench="load", requests=n_requests, concurrency=concurrency, errors=len(errors),
-             error_statuses=sorted(set(errors)), p50_ms=round(pct(lat, 50) * 1e3, 1), p99_ms=round(pct(lat, 99) * 1e3, 1),
-             requests_per_s=round(n_requests / wall, 2))
+             error_statuses=sorted(set(errors)), p50_ms=round(pct(lat, 50) * 1e3, 1),
+             p99_ms=round(pct(lat, 99) * 1e3, 1), requests_per_s=round(n_requests / wall, 2))
 
 
 def bench_batched(model: Path, images: list, n_requests: int, concurrencies: list[int], max_batch: int,
@@ -158,8 +160,9 @@ def bench_batched(model: Path, images: list, n_requests: int, concurrencies: lis
     with ExitStack() as stack, httpx.Client(timeout=300) as client:
         servers = {}
         for batch in (1, max_batch):
-            app = create_app(Predictor.from_pretrained(model), ServerSettings(model_name="bench", max_batch=batch, decode=decode,
-                                                                              queue_size=max(64, n_requests)))
+            app = create_app(Predictor.from_pretrained(model),
+                             ServerSettings(model_name="bench", max_batch=batch, decode=decode,
+                                            queue_size=max(64, n_requests)))
             base = stack.enter_context(background_server(app))
             for url in urls:  # warm: every image's features cached, as in a steady-state server
                 client.post(base + "/v1/chat/completions", json=_request(url)).raise_for_status()
@@ -201,7 +204,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady figures on a shared machine)")
-    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8], help="concurrencies of the batched-vs-not load test")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8],
+                    help="concurrencies of the batched-vs-not load test")
     ap.add_argument("--max-batch", type=int, default=8, help="the batched server's max_batch")
     ap.add_argument("--decode", default="eager", help="the servers' decode mode (eager, static, compiled)")
     ap.add_argument("--only-batched", action="store_true", help="run only the batched-vs-not load test")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import KVASIR_ANSWER, KVASIR_QUESTION, kvasir_images
+
 from medplib.data.boxes import mask_to_box
 from medplib.data.schema import BoxRegion, PointRegion, Turn
 from medplib.errors import InputError
@@ -92,7 +92,8 @@ def test_stream_yields_only_text_pieces_and_then_gives_the_prediction(predictor:
 def test_ask_many_answers_in_order_sharing_features(predictor: Predictor, images: list) -> None:
     (_, a, ga), _, (_, b, gb) = images
     fresh = Predictor(predictor.model)  # an empty cache, so image costs are visible
-    queries = [Query(a, KVASIR_QUESTION), Query(b, KVASIR_QUESTION), Query(a, "What is <region>?", [PointRegion(point=(10, 10))])]
+    queries = [Query(a, KVASIR_QUESTION), Query(b, KVASIR_QUESTION),
+               Query(a, "What is <region>?", [PointRegion(point=(10, 10))])]
     outs = fresh.ask_many(queries, max_new_tokens=12)
     assert [len(o.masks) for o in outs[:2]] == [1, 1]
     assert _dice(outs[0].masks[0], ga) >= 0.8 and _dice(outs[1].masks[0], gb) >= 0.8
@@ -113,7 +114,8 @@ def test_regions_are_checked_and_mapped_back_to_the_image(predictor: Predictor, 
     assert mask_to_box(drawn) == pytest.approx((40, 60, 120, 100), abs=w / predictor.model.config.vision.image_size + 1)
 
 
-def test_boxes_in_the_answer_text_are_scaled_to_pixels(predictor: Predictor, images: list, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_boxes_in_the_answer_text_are_scaled_to_pixels(predictor: Predictor, images: list,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     _, img, _ = images[0]
     predictor.set_image(img)
     h, w = img.shape[:2]

@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from conftest import KVASIR_QUESTION, kvasir_images
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.inference import Predictor
 from medplib.serving.app import ServerSettings, create_app
 from medplib.serving.testing import background_server
@@ -40,7 +40,8 @@ def _data_url(rgb: np.ndarray, fmt: str = "PNG") -> str:
 
 
 def _messages(url: str, question: str = KVASIR_QUESTION) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]}]
+    return [{"role": "user", "content": [{"type": "text", "text": question},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,8 @@ def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def _post(server: str, path: str, body: object = None, *, key: str | None = KEY, content: bytes | None = None) -> httpx.Response:
+def _post(server: str, path: str, body: object = None, *, key: str | None = KEY,
+          content: bytes | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(server + path, json=body, content=content, headers=headers, timeout=60)
 
@@ -104,9 +106,9 @@ def test_openai_client_sends_regions_and_history(client: openai.OpenAI, kvasir: 
     img, _ = kvasir
     messages = _messages(_data_url(img)) + [{"role": "assistant", "content": "Sure, it is [SEG]."},
                                            {"role": "user", "content": "And this <region>?"}]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
-                                         extra_body={"medplib": {"regions": [{"kind": "box", "box": [20, 20, 120, 120]}],
-                                                                 "return_png": False}})
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4,
+        extra_body={"medplib": {"regions": [{"kind": "box", "box": [20, 20, 120, 120]}], "return_png": False}})
     assert len(out.choices[0].message.content) > 0
     assert out.usage.completion_tokens <= 4
     assert all("png_base64" not in m for m in out.model_extra["medplib"]["masks"])
@@ -116,9 +118,11 @@ def test_openai_client_sends_regions_and_history(client: openai.OpenAI, kvasir: 
 def test_openai_client_sees_auth_and_model_errors(server: str, kvasir: tuple) -> None:
     msgs = _messages(_data_url(kvasir[0]))
     with pytest.raises(openai.AuthenticationError, match="API key"):
-        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).chat.completions.create(model=MODEL, messages=msgs)
+        wrong_key = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+        wrong_key.chat.completions.create(model=MODEL, messages=msgs)
     with pytest.raises(openai.NotFoundError, match="not served"):
-        openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0).chat.completions.create(model="gpt-4o", messages=msgs)
+        right_key = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+        right_key.chat.completions.create(model="gpt-4o", messages=msgs)
 
 
 # ------------------------------------------------------------------ other endpoints
@@ -152,15 +156,19 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server: str, kva
     noise = np.random.default_rng(0).integers(0, 255, (1200, 1200, 3), dtype=np.uint8)  # ~4 MB PNG > 2 MiB
     cases = [
         ("corrupt base64", good | {"messages": _messages("data:image/png;base64,@@not-base64@@")}, KEY, 400, "base64"),
-        ("not an image", good | {"messages": _messages("data:image/png;base64," + base64.b64encode(b"hello").decode())}, KEY, 400, "PNG"),
+        ("not an image", good | {"messages": _messages("data:image/png;base64," + base64.b64encode(b"hello").decode())},
+         KEY, 400, "PNG"),
         ("remote URL", good | {"messages": _messages("https://example.org/a.png")}, KEY, 400, "data URL"),
         ("too many pixels", good | {"messages": _messages(_data_url(big))}, KEY, 413, "pixels"),
         ("too many bytes", good | {"messages": _messages(_data_url(noise))}, KEY, 413, "bytes"),
-        ("region outside", good | {"medplib": {"regions": [{"kind": "point", "point": [900, 10]}]}}, KEY, 400, "outside"),
-        ("bad region", good | {"medplib": {"regions": [{"kind": "box", "box": [50, 50, 10, 10]}]}}, KEY, 400, "x1 <= x2"),
+        ("region outside", good | {"medplib": {"regions": [{"kind": "point", "point": [900, 10]}]}},
+         KEY, 400, "outside"),
+        ("bad region", good | {"medplib": {"regions": [{"kind": "box", "box": [50, 50, 10, 10]}]}},
+         KEY, 400, "x1 <= x2"),
         ("region as path", good | {"medplib": {"regions": [{"kind": "mask", "mask": "/etc/passwd"}]}}, KEY, 400, "RLE"),
         ("placeholders", good | {"messages": _messages(_data_url(img), "<region> and <region>"),
-                                 "medplib": {"regions": [{"kind": "point", "point": [5, 5]}]}}, KEY, 400, "placeholders"),
+                                 "medplib": {"regions": [{"kind": "point", "point": [5, 5]}]}},
+         KEY, 400, "placeholders"),
         ("no image", good | {"messages": [{"role": "user", "content": "hello"}]}, KEY, 400, "exactly one image"),
         ("unknown model", good | {"model": "llava"}, KEY, 404, "not served"),
         ("missing key", good, None, 401, "API key"),

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import KVASIR_QUESTION, kvasir_images
 from PIL import Image
 
-from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.inference import Predictor
 from medplib.serving.app import ServerSettings, create_app
 from medplib.serving.testing import background_server
@@ -44,10 +44,12 @@ def bodies(shared_data: Path) -> list[dict]:
     return [
         _body(urls[0]),
         _body(urls[1]),
-        _body(urls[2], "What is at <region>?", max_tokens=5, medplib={"regions": [{"kind": "box", "box": [30, 40, 200, 220]}]}),
+        _body(urls[2], "What is at <region>?", max_tokens=5,
+              medplib={"regions": [{"kind": "box", "box": [30, 40, 200, 220]}]}),
         _body(urls[3], "Describe the image.", max_tokens=9),
         {"model": MODEL, "messages": _body(urls[0])["messages"] + [
-            {"role": "assistant", "content": "Sure, it is [SEG]."}, {"role": "user", "content": "And the polyp again?"}]},
+            {"role": "assistant", "content": "Sure, it is [SEG]."},
+            {"role": "user", "content": "And the polyp again?"}]},
         _body(urls[1], medplib={"regions": [{"kind": "point", "point": [150, 120]}]}),
     ]
 
@@ -104,7 +106,8 @@ def _together(app: Any, bodies: list[dict]) -> tuple[list[httpx.Response], list[
         return [f.result() for f in futures], list(server.worker.batch_sizes)
 
 
-def test_concurrent_requests_are_decoded_together_and_answered_as_one_at_a_time(kvasir_model: Path, bodies: list[dict]) -> None:
+def test_concurrent_requests_are_decoded_together_and_answered_as_one_at_a_time(kvasir_model: Path,
+                                                                                 bodies: list[dict]) -> None:
     alone = create_app(Predictor.from_pretrained(kvasir_model), ServerSettings(model_name=MODEL, max_batch=1))
     with background_server(alone) as base:
         reference = [_answer(_post(base, b)) for b in bodies]

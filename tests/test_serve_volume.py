@@ -16,8 +16,8 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import KVASIR_QUESTION
+
 from medplib.data.dicom_series import read_dicom_series
 from medplib.data.nifti import read_nifti_volume
 from medplib.data.phantoms3d import make_phantom_volume, write_phantom_volume
@@ -49,7 +49,8 @@ def _url(data: bytes, mime: str = "application/gzip") -> str:
 
 
 def _post(server: str, path: str, body: object = None, content: bytes | None = None) -> httpx.Response:
-    return httpx.post(server + path, json=body, content=content, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    return httpx.post(server + path, json=body, content=content, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=120)
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -65,8 +66,8 @@ def _mask(b64: str) -> nib.Nifti1Image:
 
 
 def test_nifti_upload_returns_the_mask_volume(server: str, case: dict[str, str], kvasir_model: Path) -> None:
-    r = _post(server, "/v1/volume/segment", {"volume": _url(Path(case["image"]).read_bytes()), "question": KVASIR_QUESTION,
-                                             "return_slices": True})
+    r = _post(server, "/v1/volume/segment", {"volume": _url(Path(case["image"]).read_bytes()),
+                                             "question": KVASIR_QUESTION, "return_slices": True})
     assert r.status_code == 200, r.text
     out = r.json()
     vol = read_nifti_volume(case["image"])

@@ -13,9 +13,9 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from conftest import KVASIR_QUESTION, kvasir_images
 from PIL import Image
 
-from conftest import KVASIR_QUESTION, kvasir_images
 from medplib.inference import Predictor
 from medplib.serving.app import ServerSettings, create_app
 from medplib.serving.testing import background_server
@@ -56,7 +56,8 @@ def test_box_question_shows_mask_overlay(page_url: str, shared_data: Path, tmp_p
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
             # The page must need nothing but this server (no CDN): record any other request.
-            page.on("request", lambda req: None if req.url.startswith((page_url, "data:", "blob:")) else outside.append(req.url))
+            page.on("request",
+                    lambda req: None if req.url.startswith((page_url, "data:", "blob:")) else outside.append(req.url))
             page.goto(page_url)
             page.set_input_files("#file", str(image_file))
             page.wait_for_function("document.getElementById('status').textContent.includes('pixels')", timeout=30_000)
@@ -98,7 +99,8 @@ def test_box_question_shows_mask_overlay(page_url: str, shared_data: Path, tmp_p
             # A second question keeps the history: two user bubbles, two answers.
             page.fill("#question", "What is in the image?")
             page.click("#ask")
-            page.wait_for_function("document.querySelectorAll('#history li.assistant small').length == 2", timeout=60_000)
+            page.wait_for_function("document.querySelectorAll('#history li.assistant small').length == 2",
+                                   timeout=60_000)
             assert page.locator("#history li.user").count() == 2
         finally:
             browser.close()

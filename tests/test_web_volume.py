@@ -12,14 +12,14 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import KVASIR_QUESTION
+from test_web import CHROMIUM_ARGS, SCREENSHOT_DIR, _chromium
+
 from medplib.data.phantoms3d import make_phantom_volume, write_phantom_volume
 from medplib.inference import Predictor
 from medplib.serving.app import ServerSettings, create_app
 from medplib.serving.testing import background_server
 from medplib.volume_inference import VolumeSlices
-from test_web import CHROMIUM_ARGS, SCREENSHOT_DIR, _chromium
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,8 @@ def test_slice_slider_shows_each_slice_and_its_mask(page_url: str, tmp_path: Pat
             page.wait_for_selector("#download-volume:not(.disabled)", timeout=120_000)
             href = page.get_attribute("#download-volume", "href")
             assert href.startswith("data:application/gzip;base64,")
-            mask = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(href.split(",", 1)[1]))).dataobj) > 0
+            nifti = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(href.split(",", 1)[1])))
+            mask = np.asarray(nifti.dataobj) > 0
             assert mask.shape == phantom.volume.shape and mask.any()
             masked = [k for k in range(8) if mask[:, :, k].any()]
             k = masked[0]

@@ -24,7 +24,15 @@ from medplib.data.schema import Region, Turn
 from medplib.errors import CheckpointError, ConfigError, InputError
 from medplib.model.decoding import DecodeRequest
 from medplib.model.medplib import GenerationOutput, ImageFeatures, MedPLIBModel, SpecialIds
-from medplib.model.weights import DEFAULT_MAX_SHARD_BYTES, INDEX, WEIGHTS, has_weights, load_eager, load_lean, save_weights
+from medplib.model.weights import (
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX,
+    WEIGHTS,
+    has_weights,
+    load_eager,
+    load_lean,
+    save_weights,
+)
 from medplib.processing import Encoded, Processor
 from medplib.tokenizer import IMAGE, REGION, SEG, build_tokenizer, load_tokenizer
 
@@ -62,7 +70,8 @@ def check_device(device: torch.device) -> None:
         return
     backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        raise ConfigError(f"device '{device}' is not available: this torch build or machine has no {device.type} device")
+        raise ConfigError(f"device '{device}' is not available: "
+                          f"this torch build or machine has no {device.type} device")
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if device.index is not None and device.index >= count:
         raise ConfigError(f"device '{device}' is not available: there are {count} {device.type} device(s)")
@@ -114,8 +123,9 @@ class MedPLIB:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        quantize: str | None = None, lean: bool = True) -> "MedPLIB":
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, quantize: str | None = None,
+                        lean: bool = True) -> "MedPLIB":
         """Load a model folder (one `model.safetensors` or sharded with an index).
 
         `lean` (default) builds the model on the meta device and reads each tensor straight into `dtype` on
@@ -204,9 +214,9 @@ class MedPLIB:
         self.model.eval()
         try:
             out: GenerationOutput = self.model.generate(
-                req.input_ids[None], req.features, req.pixel_values, req.region_masks, req.original_hw, req.pixel_valid_hw,
-                max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature, on_token=on_token,
-                examples=req.examples,
+                req.input_ids[None], req.features, req.pixel_values, req.region_masks, req.original_hw,
+                req.pixel_valid_hw, max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature,
+                on_token=on_token, examples=req.examples,
             )
         finally:
             self.model.train(was_training)

@@ -44,10 +44,13 @@ def info(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="folder for the data, the stage runs, the model, overlays and demo.json"),
+    out: Path = typer.Option(Path("runs/demo"),
+                             help="folder for the data, the stage runs, the model, overlays and demo.json"),
     preset: str = typer.Option("lite", help="model preset to train (lite: pretrained; small: random init)"),
-    steps: Optional[str] = typer.Option(None, help="optimizer steps for stages I-IV, e.g. 15,50,90,25 (default: the demo's for the preset)"),
-    n_phantoms: int = typer.Option(270, help="phantom images to build, besides the MNI152 brain slices (split into train/val/test)"),
+    steps: Optional[str] = typer.Option(None, help="optimizer steps for stages I-IV, e.g. 15,50,90,25 "
+                                        "(default: the demo's for the preset)"),
+    n_phantoms: int = typer.Option(270, help="phantom images to build, besides the MNI152 brain slices "
+                                   "(split into train/val/test)"),
     retrain: bool = typer.Option(False, help="train again even if OUT/run/model exists"),
     seed: int = typer.Option(0),
 ) -> None:

@@ -167,8 +167,9 @@ class Predictor:
         self._lock = threading.RLock()
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        quantize: str | None = None, **kwargs: Any) -> "Predictor":
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, quantize: str | None = None,
+                        **kwargs: Any) -> "Predictor":
         """`quantize`: None, "int8" (CPU or CUDA) or "nf4" (CUDA), see `MedPLIB.from_pretrained`."""
         return cls(MedPLIB.from_pretrained(folder, device=device, dtype=dtype, quantize=quantize), **kwargs)
 
@@ -228,7 +229,8 @@ class Predictor:
                                         or sum(e.nbytes for e in self._cache.values()) > self.cache_bytes):
             self._cache.popitem(last=False)
 
-    def region_masks(self, regions: Sequence[Region], region_arrays: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
+    def region_masks(self, regions: Sequence[Region],
+                     region_arrays: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
         """The regions as the model sees them, mapped back to (H, W) bool masks of the current
         image (for drawing outlines). Raises InputError for a region outside the image."""
         return self.model.processor.region_footprints(regions, region_arrays, self.original_hw)
@@ -289,8 +291,9 @@ class Predictor:
                     entry = self._current()  # held here: a later image of the batch may evict it from the cache
                     self._image_s = 0.0
                     req = self.model.decode_request(q.question, q.regions, q.region_arrays, q.history,
-                                                    features=(entry.image, entry.features), max_new_tokens=q.max_new_tokens,
-                                                    temperature=q.temperature, on_token=self._on_token(q.on_text),
+                                                    features=(entry.image, entry.features),
+                                                    max_new_tokens=q.max_new_tokens, temperature=q.temperature,
+                                                    on_token=self._on_token(q.on_text),
                                                     examples=self._example_features(q.examples))
                 except Exception as exc:  # noqa: BLE001 - this query's own failure
                     out[i] = exc
@@ -299,7 +302,7 @@ class Predictor:
             t0 = time.perf_counter()
             answers = self.model.generate_batch([r[3] for r in ready]) if ready else []
             dt = time.perf_counter() - t0
-            for (i, entry, image_s, req), ans in zip(ready, answers):
+            for (i, entry, image_s, _req), ans in zip(ready, answers):
                 entry.nbytes = _nbytes(entry.image, entry.features)
                 if isinstance(ans, Exception):
                     out[i] = ans

@@ -118,7 +118,8 @@ def fit_longest_side(hw: tuple[int, int], size: int) -> tuple[float, tuple[int, 
     return s, (max(1, round(h * s)), max(1, round(w * s)))
 
 
-def _resize_pad(img: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
+def _resize_pad(img: torch.Tensor, size: int, mean: Sequence[float],
+                std: Sequence[float]) -> tuple[torch.Tensor, tuple[int, int]]:
     """(3, H, W) float in [0, 1] -> normalised (3, size, size), zero (= mean colour) padding bottom/right."""
     _, (nh, nw) = fit_longest_side(tuple(img.shape[1:]), size)
     resized = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
@@ -138,7 +139,8 @@ class Processor:
         self.region_id, self.seg_id = ids[REGION], ids[SEG]
         self.num_image_tokens = config.vision.num_image_tokens
         if config.chat_template not in CHAT_TEMPLATES:
-            raise ConfigError(f"unknown chat_template '{config.chat_template}' (choose from {', '.join(CHAT_TEMPLATES)})")
+            raise ConfigError(f"unknown chat_template '{config.chat_template}' "
+                              f"(choose from {', '.join(CHAT_TEMPLATES)})")
         self.template = CHAT_TEMPLATES[config.chat_template]
         vocab = tokenizer.get_vocab()
         missing = [t for t in self.template.markers if t not in vocab]
@@ -155,7 +157,8 @@ class Processor:
         return ImageInputs(vision, pixel, (rgb.shape[0], rgb.shape[1]), valid)
 
     # ---------------------------------------------------------------- regions
-    def rasterize_region(self, region: Region, original_hw: tuple[int, int], mask: np.ndarray | None = None) -> torch.Tensor:
+    def rasterize_region(self, region: Region, original_hw: tuple[int, int],
+                         mask: np.ndarray | None = None) -> torch.Tensor:
         """A region in original-image pixels -> (Sv, Sv) bool mask in the vision input frame.
 
         `mask` is the loaded array for a MaskRegion (the schema holds only its reference)."""
@@ -205,7 +208,8 @@ class Processor:
         (Sv, Sv) bool). The one place the region count is checked."""
         n_tags = list(ids).count(self.region_id)
         if n_tags != len(regions):
-            raise InputError(f"the conversation has {n_tags} {REGION} placeholders but {len(regions)} regions were given")
+            raise InputError(f"the conversation has {n_tags} {REGION} placeholders "
+                             f"but {len(regions)} regions were given")
         arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
         return [self.rasterize_region(r, original_hw, a) for r, a in zip(regions, arrays)]
 
@@ -318,7 +322,8 @@ class Processor:
             raise InputError("a training conversation must end with an assistant turn")
         expanded, labels = self._expand_images(ids, labels, examples)
         if len(expanded) > self.config.tokenizer.model_max_length:
-            raise InputError(f"sequence of {len(expanded)} tokens exceeds the model's {self.config.tokenizer.model_max_length}")
+            raise InputError(f"sequence of {len(expanded)} tokens exceeds the model's "
+                             f"{self.config.tokenizer.model_max_length}")
         return expanded, labels
 
     def encode_prompt(
@@ -371,7 +376,8 @@ class Processor:
         targets = []
         for m in target_masks:
             if m.shape[:2] != img.original_hw:
-                raise InputError(f"target mask is {m.shape[1]}x{m.shape[0]} but the image is {img.original_hw[1]}x{img.original_hw[0]}")
+                raise InputError(f"target mask is {m.shape[1]}x{m.shape[0]} "
+                                 f"but the image is {img.original_hw[1]}x{img.original_hw[0]}")
             targets.append(torch.from_numpy((np.asarray(m) > 0).astype(np.float32)))
         n_seg = sum(1 for t, lab in zip(ids, labels) if t == self.seg_id and lab != IGNORE_INDEX)
         if not add_generation_prompt and n_seg != len(targets):

@@ -6,7 +6,8 @@ regions, image format and pixels, then the prompt as the model will get it: plac
 and tokens, `Processor.encode_prompt`) before it is queued, so bad input costs no
 model time and gets a 4xx JSON error; the model runs on one thread behind a bounded queue
 (`worker.py`), which decodes the chat and segment requests waiting for it together, up to
-`max_batch` (padded; greedy answers equal one-at-a-time answers). The OpenAPI schema at `/openapi.json` describes every request body."""
+`max_batch` (padded; greedy answers equal one-at-a-time answers). The OpenAPI schema at
+`/openapi.json` describes every request body."""
 
 from __future__ import annotations
 
@@ -32,13 +33,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medplib.data.schema import Region, Turn
 from medplib.errors import InputError, MedplibError
-from medplib.model.decoding import DECODE_MODES
 from medplib.inference import Prediction, Predictor, Query
+from medplib.model.decoding import DECODE_MODES
 from medplib.processing import Prompt
+from medplib.retrieval.examples import Example
 from medplib.serving import schemas
 from medplib.serving.errors import ClientClosed, PromptTooLong, Unauthorized, UnknownModel, error_body, status_of
-from medplib.retrieval.examples import Example
-from medplib.serving.inputs import decode_data_url, decode_image, examples_of, read_body, region_arrays, segment_question
+from medplib.serving.inputs import (
+    decode_data_url,
+    decode_image,
+    examples_of,
+    read_body,
+    region_arrays,
+    segment_question,
+)
 from medplib.serving.worker import ModelWorker
 
 STATIC = Path(__file__).parent / "static"
@@ -142,7 +150,8 @@ class Server:
         if key is None:
             return
         given = request.headers.get("authorization", "")
-        if not given.lower().startswith("bearer ") or not secrets.compare_digest(given[7:].strip().encode(), key.encode()):
+        if (not given.lower().startswith("bearer ")
+                or not secrets.compare_digest(given[7:].strip().encode(), key.encode())):
             raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
 
     def check_model(self, name: str | None) -> None:
@@ -181,7 +190,8 @@ class Server:
         arrays = region_arrays(regions, hw)
         # Encoded as the model thread will encode it, so a bad question, region count, region or example
         # count fails here, before the examples' images are decoded.
-        prompt = self.predictor.model.processor.encode_prompt(question, hw, regions, arrays, history, examples=len(examples))
+        prompt = self.predictor.model.processor.encode_prompt(question, hw, regions, arrays, history,
+                                                              examples=len(examples))
         self.check_context(prompt)
         checked = examples_of(examples, self.settings.max_image_pixels)
         return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature, checked)
@@ -205,7 +215,8 @@ class Server:
         rid, created, png = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.medplib.return_png
         if not req.stream:
             pred = await self.worker.submit_batched((job, None))
-            return JSONResponse(schemas.completion(pred, id=rid, model=self.settings.model_name, created=created, return_png=png))
+            return JSONResponse(schemas.completion(pred, id=rid, model=self.settings.model_name, created=created,
+                                                   return_png=png))
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -255,8 +266,9 @@ class Server:
         question = segment_question(req.target, req.question)
         job = await run_in_threadpool(self.job, req.image, question, req.regions, [], req.max_tokens, 0.0, req.examples)
         pred = await self.worker.submit_batched((job, None))
-        return JSONResponse({"id": f"seg-{uuid.uuid4().hex}", "object": "segmentation", "model": self.settings.model_name,
-                             "text": pred.text, **schemas.extension(pred, req.return_png)})
+        return JSONResponse({"id": f"seg-{uuid.uuid4().hex}", "object": "segmentation",
+                             "model": self.settings.model_name, "text": pred.text,
+                             **schemas.extension(pred, req.return_png)})
 
     async def preview(self, request: Request) -> JSONResponse:
         """The image as the model will see it: JSON with its size and a base64 PNG (browsers cannot
@@ -314,7 +326,8 @@ def create_app(predictor: Predictor, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "invalid_request_error")
+        return _error(exc.status_code, str(exc.detail),
+                      "not_found" if exc.status_code == 404 else "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -14,7 +14,8 @@ import typer
 from medplib.errors import InputError
 
 QUANTIZE_HELP = ("int8 or nf4: the LLM's Linear layers quantised (int8 on the CPU: torch dynamic int8; on CUDA: "
-                 "bitsandbytes int8 / nf4); vision, pixel encoder, mask decoder and [SEG] projection stay full precision")
+                 "bitsandbytes int8 / nf4); vision, pixel encoder, mask decoder and [SEG] projection "
+                 "stay full precision")
 
 
 def _numbers(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -68,16 +69,21 @@ def _mask_paths(path: Path, n: int) -> list[Path]:
 
 
 def ask(
-    image: Path = typer.Argument(..., help="PNG/JPG/TIFF, DICOM, or NIfTI (with --slice) image file; or a volume: a NIfTI file or a DICOM series folder (see --volume)"),
+    image: Path = typer.Argument(..., help="PNG/JPG/TIFF, DICOM, or NIfTI (with --slice) image file; or a volume: "
+                                 "a NIfTI file or a DICOM series folder (see --volume)"),
     question: str = typer.Argument(..., help="the question; <region> marks where a region goes (appended if absent)"),
     model: Path = typer.Option(..., "--model", help="a saved medplib model folder"),
     point: list[str] = typer.Option([], "--point", help="x,y in pixels; i,j,k voxels on a volume (repeatable)"),
-    box: list[str] = typer.Option([], "--box", help="x1,y1,x2,y2 in pixels; i1,j1,k1,i2,j2,k2 voxels (inclusive) on a volume (repeatable)"),
+    box: list[str] = typer.Option([], "--box", help="x1,y1,x2,y2 in pixels; i1,j1,k1,i2,j2,k2 voxels (inclusive) "
+                                  "on a volume (repeatable)"),
     region_mask: list[Path] = typer.Option([], "--region-mask", help="free-form region as a mask image (repeatable)"),
-    slice_index: Optional[int] = typer.Option(None, "--slice", help="NIfTI slice index (default: middle) or DICOM/TIFF frame"),
+    slice_index: Optional[int] = typer.Option(None, "--slice",
+                                              help="NIfTI slice index (default: middle) or DICOM/TIFF frame"),
     axis: int = typer.Option(2, help="NIfTI slice axis: 0 sagittal, 1 coronal, 2 axial"),
-    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="write the mask as PNG (more masks: NAME_2.png, ...); a .nii/.nii.gz name writes a volume's mask"),
-    overlay_out: Optional[Path] = typer.Option(None, "--overlay-out", help="write the image with masks and regions drawn"),
+    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="write the mask as PNG (more masks: NAME_2.png, "
+                                            "...); a .nii/.nii.gz name writes a volume's mask"),
+    overlay_out: Optional[Path] = typer.Option(None, "--overlay-out",
+                                               help="write the image with masks and regions drawn"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
     volume: bool = typer.Option(False, "--volume", help="treat IMAGE as a volume and answer slice by slice along "
                                 "--axis (implied by a folder, a NIfTI --mask-out or --dicom-seg-out); --slice then "
@@ -107,7 +113,6 @@ def ask(
     from medplib.inference import Predictor
     from medplib.outputs import prepare_outputs
     from medplib.visualize import overlay
-
     from medplib.volume_commands import ask_volume_command, is_volume_request
 
     prepare_outputs({"--mask-out": mask_out, "--overlay-out": overlay_out, "--dicom-seg-out": dicom_seg_out})
@@ -152,7 +157,8 @@ def ask(
         else:
             typer.echo(f"the answer has no [SEG]: no mask written to {mask_out}", err=True)
     if overlay_out is not None:
-        Image.fromarray(overlay(data.rgb, pred.masks, regions=predictor.region_masks(regions, arrays))).save(overlay_out)
+        drawn = overlay(data.rgb, pred.masks, regions=predictor.region_masks(regions, arrays))
+        Image.fromarray(drawn).save(overlay_out)
 
     if as_json:
         typer.echo(json.dumps({
@@ -168,18 +174,21 @@ def ask(
         return
     for k, (mask, b, s) in enumerate(zip(pred.masks, pred.boxes, pred.scores)):
         where = f"box ({', '.join(f'{v:g}' for v in b)})" if b else "empty"
-        typer.echo(f"mask {k + 1}: {int(mask.sum())} pixels, {where}, score {s:.3f}" + (f" -> {written[k]}" if written else ""))
+        typer.echo(f"mask {k + 1}: {int(mask.sum())} pixels, {where}, score {s:.3f}"
+                   + (f" -> {written[k]}" if written else ""))
     if overlay_out is not None:
         typer.echo(f"overlay -> {overlay_out}")
     t = pred.timings
-    typer.echo(f"image {t['image_s']:.2f} s, answer {t['generate_s']:.2f} s ({t['tokens_per_s']:.1f} tokens/s)", err=True)
+    typer.echo(f"image {t['image_s']:.2f} s, answer {t['generate_s']:.2f} s ({t['tokens_per_s']:.1f} tokens/s)",
+               err=True)
 
 
 def serve(
     model: Path = typer.Option(..., "--model", help="a saved medplib model folder"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
     port: int = typer.Option(8000),
-    api_key: Optional[str] = typer.Option(None, envvar="MEDPLIB_API_KEY", help="require 'Authorization: Bearer KEY' on /v1/*"),
+    api_key: Optional[str] = typer.Option(None, envvar="MEDPLIB_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' on /v1/*"),
     model_name: Optional[str] = typer.Option(None, help="the id clients send as 'model' (default: the folder name)"),
     max_upload_mb: float = typer.Option(20.0, help="largest request body, in MiB (413 beyond)"),
     max_image_pixels: int = typer.Option(4096 * 4096, help="largest image, width x height (413 beyond)"),
@@ -196,7 +205,8 @@ def serve(
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat API, /v1/segment and a web page at /."""
     try:
-        from medplib.serving.app import ServerSettings, serve as run_server
+        from medplib.serving.app import ServerSettings
+        from medplib.serving.app import serve as run_server
     except ImportError as exc:
         typer.echo(f"error: serving needs the 'serve' extra (pip install 'medplib[serve]'): {exc}", err=True)
         sys.exit(2)

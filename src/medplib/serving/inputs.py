@@ -126,7 +126,8 @@ def decode_mask(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         w, h = _header_size(data, dicom=False)
     except InputError as exc:
-        raise InputError(str(exc).replace(_NOT_AN_IMAGE, _NOT_A_MASK).replace(" images are not", " masks are not")) from None
+        message = str(exc).replace(_NOT_AN_IMAGE, _NOT_A_MASK).replace(" images are not", " masks are not")
+        raise InputError(message) from None
     if w * h > max_pixels:
         raise PayloadTooLarge(f"mask of {w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
     try:
@@ -165,7 +166,8 @@ def region_arrays(regions: Sequence[Region], hw: tuple[int, int]) -> list[np.nda
             if not isinstance(region.mask, RLE):
                 raise InputError(f"regions[{i}]: a mask region must be a COCO RLE {{'size': [h, w], 'counts': ...}}")
             if tuple(region.mask.size) != tuple(hw):
-                raise InputError(f"regions[{i}]: mask size {list(region.mask.size)} differs from the image's {list(hw)}")
+                raise InputError(f"regions[{i}]: mask size {list(region.mask.size)} "
+                                 f"differs from the image's {list(hw)}")
             if isinstance(region.mask.counts, str) and _RLE_RUNAWAY.search(region.mask.counts):
                 raise InputError(f"regions[{i}]: the RLE string has a run length over 2^64")
             try:

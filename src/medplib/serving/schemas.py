@@ -2,7 +2,8 @@
 accepted and ignored) plus one extension object, `medplib`; responses add `medplib` with masks.
 
 Request extension:  "medplib": {"regions": [{"kind": "point", "point": [x, y]}, ...], "return_png": true,
-                                "examples": [{"image": "data:image/png;base64,...", "mask": "data:image/png;base64,..."}]}
+                                "examples": [{"image": "data:image/png;base64,...",
+                                              "mask": "data:image/png;base64,..."}]}
 Response extension: "medplib": {"masks": [{"rle": {"size": [h, w], "counts": "..."}, "png_base64": "...",
                                            "box": [x1, y1, x2, y2], "score": 0.9}],
                                 "text_boxes": [[x1, y1, x2, y2]], "timings": {...}}

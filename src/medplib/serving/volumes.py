@@ -93,7 +93,8 @@ def _nifti_volume(data: bytes, folder: Path, max_voxels: int) -> Volume:
         raise InputError(f"the upload is not a readable NIfTI file ({_clean(str(exc), folder)})") from None
     voxels = int(np.prod(shape[:3])) if len(shape) >= 3 else 0
     if voxels > max_voxels:
-        raise PayloadTooLarge(f"volume of {' x '.join(map(str, shape[:3]))} = {voxels} voxels is over the limit of {max_voxels}")
+        raise PayloadTooLarge(f"volume of {' x '.join(map(str, shape[:3]))} = {voxels} voxels "
+                              f"is over the limit of {max_voxels}")
     try:
         return read_nifti_volume(path)
     except InputError as exc:
@@ -140,7 +141,8 @@ def _dicom_zip_volume(data: bytes, folder: Path, max_bytes: int, max_files: int,
     for path in series.iterdir():  # headers only, before any pixel is decoded
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            voxels += int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+            voxels += (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+                       * int(ds.get("NumberOfFrames", 1) or 1))
         except Exception:  # noqa: BLE001 - not DICOM: the series reader skips or names it
             continue
     if voxels > max_voxels:
@@ -195,7 +197,8 @@ def register(app: FastAPI, server: "Server") -> None:
         req, vol = await _volume(request, VolumePreviewRequest)
         vs = await run_in_threadpool(VolumeSlices, vol, req.axis)
         if vs.n > _MAX_PREVIEW_SLICES:
-            raise PayloadTooLarge(f"{vs.n} slices along axis {req.axis} are over the preview limit of {_MAX_PREVIEW_SLICES}")
+            raise PayloadTooLarge(f"{vs.n} slices along axis {req.axis} "
+                                  f"are over the preview limit of {_MAX_PREVIEW_SLICES}")
         return JSONResponse({"shape": list(vol.shape), "axis": req.axis, "n": vs.n, "spacing": list(vol.spacing),
                              "orientation": vol.orientation, "width": int(vs.hw[1]), "height": int(vs.hw[0]),
                              "slice_pngs": await run_in_threadpool(_slice_pngs, vs)})

@@ -104,11 +104,12 @@ class ModelWorker:
                 continue
             group = self._next_batch(first)
             if first.fn is not None:
-                await self._settle(loop, [first], lambda: [first.fn()], alone=True)  # type: ignore[misc]
+                await self._settle(loop, [first], lambda fn=first.fn: [fn()], alone=True)  # type: ignore[misc]
                 continue
             self.batch_sizes.append(len(group))
             items = [t.item for t in group]
-            ok = await self._settle(loop, group, lambda: self.run_batch(items), alone=len(group) == 1)  # type: ignore[misc]
+            ok = await self._settle(loop, group, lambda items=items: self.run_batch(items),  # type: ignore[misc]
+                                    alone=len(group) == 1)
             if not ok:  # the batch as a whole failed: each of its requests again, on its own
                 for task in group:
                     self.batch_sizes.append(1)
