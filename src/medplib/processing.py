@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from medplib.config import MedPLIBConfig
 from medplib.data.images import as_rgb
 from medplib.data.loading import LoadedSample
-from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Turn
+from medplib.data.schema import BoxRegion, MaskRegion, PointRegion, PolygonRegion, Region, Turn, region_count_problem
 from medplib.errors import ConfigError, InputError
 from medplib.model.losses import IGNORE_INDEX
 from medplib.tokenizer import IM_END, IM_START, IMAGE, REGION, SEG
@@ -205,11 +205,10 @@ class Processor:
                           region_arrays: Sequence[np.ndarray | None] | None, original_hw: tuple[int, int]
                           ) -> list[torch.Tensor]:
         """The regions of an encoded conversation `ids`, one per `<region>` in order, rasterised (each
-        (Sv, Sv) bool). The one place the region count is checked."""
-        n_tags = list(ids).count(self.region_id)
-        if n_tags != len(regions):
-            raise InputError(f"the conversation has {n_tags} {REGION} placeholders "
-                             f"but {len(regions)} regions were given")
+        (Sv, Sv) bool). Every prompt's region count is checked here (`region_count_problem`)."""
+        problem = region_count_problem(list(ids).count(self.region_id), len(regions))
+        if problem:
+            raise InputError(f"the conversation has {problem}")
         arrays = list(region_arrays) if region_arrays is not None else [None] * len(regions)
         return [self.rasterize_region(r, original_hw, a) for r, a in zip(regions, arrays)]
 

@@ -28,6 +28,16 @@ REGION_TOKEN = "<region>"
 SEG_TOKEN = "[SEG]"
 BOX_START_TOKEN, BOX_END_TOKEN = "<box>", "</box>"  # around a Med-GRIT box in answer text
 
+
+
+def region_count_problem(n_placeholders: int, n_regions: int) -> str | None:
+    """The region-count rule, one home for every check (a sample record, an inference prompt, the model's
+    embedding): each `<region>` placeholder takes exactly one region, in order. None when it holds."""
+    if n_placeholders == n_regions:
+        return None
+    return f"{n_placeholders} {REGION_TOKEN} placeholders but {n_regions} regions"
+
+
 Modality = str  # ct, mr, xray, pet, endoscopy, dermoscopy, fundus, ultrasound, histopathology, ...
 Task = Literal["vqa", "region_vqa", "grounding", "box_grounding", "caption", "report", "icl"]
 
@@ -132,8 +142,9 @@ class Sample(_Strict):
             if a.role == b.role:
                 raise ValueError("user and assistant turns must alternate")
         n_region_tags = sum(t.content.count(REGION_TOKEN) for t in self.conversations if t.role == "user")
-        if n_region_tags != len(self.regions):
-            raise ValueError(f"{n_region_tags} '{REGION_TOKEN}' placeholders but {len(self.regions)} regions")
+        problem = region_count_problem(n_region_tags, len(self.regions))
+        if problem:
+            raise ValueError(problem)
         n_seg = sum(t.content.count(SEG_TOKEN) for t in self.conversations if t.role == "assistant")
         n_mask_targets = sum(1 for t in self.targets if t.mask is not None)
         if n_seg > n_mask_targets:

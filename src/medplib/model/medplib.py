@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from medplib.config import MedPLIBConfig
+from medplib.data.schema import region_count_problem
 from medplib.errors import CheckpointError, InputError
 from medplib.model import packaged
 from medplib.model.decoding import MIN_SAMPLING_TEMPERATURE, DecodeRequest, generate_batch
@@ -218,8 +219,9 @@ class MedPLIBModel(nn.Module):
             emb = emb.clone()
             for b, t in enumerate(tokens):
                 pos = torch.nonzero(is_reg[b], as_tuple=True)[0]
-                if pos.numel() != t.shape[0]:
-                    raise InputError(f"sample {b}: {pos.numel()} <region> placeholders but {t.shape[0]} regions")
+                problem = region_count_problem(pos.numel(), t.shape[0])
+                if problem:
+                    raise InputError(f"sample {b}: {problem}")
                 emb[b, pos] = t.to(emb.dtype)
         return emb
 
