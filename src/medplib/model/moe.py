@@ -372,18 +372,22 @@ def set_sync_free(module: nn.Module, on: bool) -> None:
 
 
 @contextmanager
-def routing(llm: nn.Module, inputs: RoutingInputs) -> Iterator[None]:
-    """Give every MoEMLP inside `llm` these per-batch inputs for the forwards run inside the block;
-    the previous inputs come back on exit, also when the forward raises."""
-    layers = moe_layers(llm)
-    previous = [m.inputs for m in layers]
+def _set_on_layers(layers: list[MoEMLP], name: str, value: object) -> Iterator[None]:
+    """Set attribute `name` of every layer to `value` for the block; the previous values come back on
+    exit, also when the block raises."""
+    previous = [getattr(m, name) for m in layers]
     for m in layers:
-        m.inputs = inputs
+        setattr(m, name, value)
     try:
         yield
     finally:
         for m, p in zip(layers, previous):
-            m.inputs = p
+            setattr(m, name, p)
+
+
+def routing(llm: nn.Module, inputs: RoutingInputs) -> ContextManager[None]:
+    """Give every MoEMLP inside `llm` these per-batch inputs for the forwards run inside the block."""
+    return _set_on_layers(moe_layers(llm), "inputs", inputs)
 
 
 def recompute_context(llm: nn.Module) -> Callable[[], tuple[ContextManager[None], ContextManager[None]]]:
@@ -398,8 +402,7 @@ def recompute_context(llm: nn.Module) -> Callable[[], tuple[ContextManager[None]
     return context_fn
 
 
-@contextmanager
-def force_expert(llm: nn.Module, e: int) -> Iterator[None]:
+def force_expert(llm: nn.Module, e: int) -> ContextManager[None]:
     """Analysis hook, for the block: every router sends every token to expert `e` with gate 1.0 and
     no capacity limit, so an upcycled model reproduces the dense model of expert e.
 
@@ -410,11 +413,4 @@ def force_expert(llm: nn.Module, e: int) -> Iterator[None]:
     for m in layers:
         if not 0 <= e < m.num_experts:
             raise ValueError(f"expert {e} out of range for {m.num_experts} experts")
-    previous = [m.forced_expert for m in layers]
-    for m in layers:
-        m.forced_expert = e
-    try:
-        yield
-    finally:
-        for m, p in zip(layers, previous):
-            m.forced_expert = p
+    return _set_on_layers(layers, "forced_expert", e)
