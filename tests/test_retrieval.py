@@ -259,3 +259,15 @@ def test_rle_masks_are_kept_inline(embedder: ImageEmbedder, cxr, tmp_path: Path)
     index = ExampleIndex.load(index.folder)
     (hit,) = [h for h in index.search(np.zeros(64, np.float32) + 0.125, 2) if h.sample == "rle"]
     assert isinstance(hit.mask, dict) and np.array_equal(rle_decode(hit.mask), read_mask(mask_file))
+
+
+def test_a_cnn_tower_with_batchnorm_buffers_embeds_and_fingerprints(cxr) -> None:
+    """The lite preset's EfficientNet tower holds 0-d BatchNorm counters; the fingerprint reads them too."""
+    m = MedPLIB.from_preset("tiny", seed=0, **{"vision.kind": "efficientnet",
+                                               "vision.hf": {"image_size": 128, "patch_size": 32}})
+    assert any(t.dim() == 0 for t in m.model.vision.state_dict().values())
+    emb = ImageEmbedder(m)
+    vecs = emb.embed([read_image(p).rgb for p, _ in cxr["pairs"][:2]])
+    assert vecs.shape == (2, emb.dim) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert ImageEmbedder(MedPLIB.from_preset("tiny", seed=1, **{"vision.kind": "efficientnet", "vision.hf": {
+        "image_size": 128, "patch_size": 32}})).fingerprint != emb.fingerprint

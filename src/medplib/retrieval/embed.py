@@ -29,7 +29,8 @@ def tower_fingerprint(model: MedPLIB) -> str:
     h.update(repr((v.kind, v.image_size, v.select_layer, v.drop_cls, tuple(v.mean), tuple(v.std))).encode())
     for name, t in sorted(model.model.vision.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): 0-d buffers (BatchNorm's num_batches_tracked in the EfficientNet tower) cannot be viewed as bytes
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
