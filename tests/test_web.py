@@ -107,3 +107,59 @@ def test_box_question_shows_mask_overlay(page_url: str, shared_data: Path, tmp_p
     assert outside == []
     assert Image.open(shot).size == (1200, 800)
 
+
+
+def test_in_context_example_pairs_are_sent_and_a_bad_one_is_named(page_url: str, shared_data: Path,
+                                                                   tmp_path: Path) -> None:
+    """The example picker: add a real Kvasir (image, mask) pair, ask, and the request carries it; a mask of
+    another size gets the server's 400, shown in the answer bubble; clearing empties the list."""
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
+    folder = shared_data / "kvasir_seg"
+    (query_id, _, _), (ex_id, _, _) = kvasir_images(shared_data, 2)
+    small_mask = tmp_path / "small_mask.png"
+    Image.open(folder / "masks" / f"{ex_id}.jpg").convert("L").resize((64, 64)).save(small_mask)
+    sent: list[dict] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.on("request", lambda req: sent.append(json.loads(req.post_data))
+                    if req.url.endswith("/v1/chat/completions") else None)
+            page.goto(page_url)
+            page.set_input_files("#file", str(folder / "images" / f"{query_id}.jpg"))
+            page.wait_for_function("document.getElementById('status').textContent.includes('pixels')", timeout=30_000)
+
+            page.click("#examples-panel summary")
+            assert page.is_disabled("#add-example")  # an image without its mask is not a pair yet
+            page.set_input_files("#example-image", str(folder / "images" / f"{ex_id}.jpg"))
+            page.set_input_files("#example-mask", str(folder / "masks" / f"{ex_id}.jpg"))
+            page.click("#add-example")
+            assert page.inner_text("#examples-count") == "(1)"
+            assert page.locator("#examples li").count() == 1
+
+            page.fill("#question", "Segment the same structure in this image.")
+            page.click("#ask")
+            page.wait_for_selector("#history li.assistant small", timeout=60_000)  # answered (timings shown)
+            assert "1 example" in page.locator("#history li.user").last.inner_text()
+            pairs = sent[-1]["medplib"]["examples"]
+            assert len(pairs) == 1 and pairs[0]["image"].startswith("data:image/jpeg;base64,")
+            assert pairs[0]["mask"].startswith("data:image/jpeg;base64,")
+
+            # A mask of another size than its image: the server names it, the page shows it as the answer.
+            page.click("#clear-examples")
+            assert page.inner_text("#examples-count") == "(none)" and page.locator("#examples li").count() == 0
+            page.set_input_files("#example-image", str(folder / "images" / f"{ex_id}.jpg"))
+            page.set_input_files("#example-mask", str(small_mask))
+            page.click("#add-example")
+            page.fill("#question", "Segment the same structure in this image.")
+            page.click("#ask")
+            page.wait_for_selector("#history li.assistant.error", timeout=60_000)
+            error = page.locator("#history li.assistant.error").inner_text()
+            assert "64x64" in error and "mask" in error, error
+            assert page.evaluate("state.turns.length") == 2  # the failed question left the conversation as it was
+        finally:
+            browser.close()

@@ -16,6 +16,8 @@ const state = {
   drag: null,         // the region being drawn
   turns: [],          // [{role, text, regions}] of this conversation
   masks: [],          // [{tinted: canvas, png: base64}] of the last answer
+  examples: [],       // [{image, mask, name}] in-context example pairs (data URLs), sent with every question
+  exampleDraft: {},   // the example image and mask chosen but not added yet
   busy: false,
 };
 
@@ -191,6 +193,46 @@ $("file").addEventListener("change", async () => {
   }
 });
 
+// ---------------------------------------------------------------- in-context examples
+// The server checks every pair (mask size = image size, a non-empty mask, at most the model's number of
+// examples) and answers a bad one with a 400 that names it; the page only collects the files.
+function showExamples() {
+  const list = $("examples");
+  list.replaceChildren(...state.examples.map((e, i) => {
+    const li = document.createElement("li");
+    li.textContent = e.name + " ";
+    const rm = document.createElement("button");
+    rm.textContent = "Remove"; rm.className = "link";
+    rm.addEventListener("click", () => { state.examples.splice(i, 1); showExamples(); });
+    li.append(rm);
+    return li;
+  }));
+  const n = state.examples.length;
+  $("examples-count").textContent = n ? "(" + n + ")" : "(none)";
+  const d = state.exampleDraft;
+  $("example-pending").textContent = d.image || d.mask
+    ? "Chosen: " + (d.imageName || "no image yet") + " + " + (d.maskName || "no mask yet") : "";
+  $("add-example").disabled = !(d.image && d.mask);
+}
+
+for (const [input, key] of [["example-image", "image"], ["example-mask", "mask"]]) {
+  $(input).addEventListener("change", async () => {
+    const file = $(input).files[0];
+    if (!file) return;
+    state.exampleDraft[key] = await readAsDataURL(file);
+    state.exampleDraft[key + "Name"] = file.name;
+    $(input).value = "";
+    showExamples();
+  });
+}
+$("add-example").addEventListener("click", () => {
+  const d = state.exampleDraft;
+  state.examples.push({ image: d.image, mask: d.mask, name: d.imageName + " + " + d.maskName });
+  state.exampleDraft = {};
+  showExamples();
+});
+$("clear-examples").addEventListener("click", () => { state.examples = []; state.exampleDraft = {}; showExamples(); });
+
 // ---------------------------------------------------------------- chat
 function addBubble(role, text, note) {
   const li = document.createElement("li");
@@ -257,14 +299,19 @@ $("ask-form").addEventListener("submit", async (ev) => {
   state.asked = regions;
   $("question").value = "";
   redraw();
-  addBubble("user", question, regions.length ? regions.map((r) => r.kind).join(", ") : "");
+  const notes = regions.map((r) => r.kind);
+  if (state.examples.length) notes.push(state.examples.length + " example" + (state.examples.length > 1 ? "s" : ""));
+  addBubble("user", question, notes.join(", "));
   const bubble = addBubble("assistant", "");
   setStatus("Thinking ...");
   const { messages, regions: all } = requestMessages();
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(),
-      body: JSON.stringify({ model: $("model").dataset.id || "", messages, stream: true, medplib: { regions: all } }),
+      body: JSON.stringify({
+        model: $("model").dataset.id || "", messages, stream: true,
+        medplib: { regions: all, examples: state.examples.map((e) => ({ image: e.image, mask: e.mask })) },
+      }),
     });
     if (!resp.ok) throw new Error(await errorText(resp));
     let text = "";
