@@ -92,6 +92,22 @@ def test_built_samples_export_to_both_formats(tmp_path: Path) -> None:
     assert "<box>(" in text and "[SEG]" not in text and "<region>" not in text
 
 
+def test_in_context_samples_are_skipped_by_exports_with_a_reason(shared_data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    built = runner.invoke(data_app, ["build", str(shared_data / "covid_cxr_lungs"), "--source", "covid-cxr",
+                                     "--out", str(tmp_path), "--tasks", "grounding,icl"])
+    assert built.exit_code == 0, built.output
+    n_icl = sum(1 for line in (tmp_path / "samples.jsonl").read_text().splitlines() if '"task":"icl"' in line)
+    assert n_icl > 0
+    for fmt, name in (("mecovqa", "mecovqa.json"), ("med-grit", "med_grit.json")):
+        res = runner.invoke(data_app, ["export", str(tmp_path / "samples.jsonl"), "--to", fmt,
+                                       "--out", str(tmp_path / fmt)])
+        assert res.exit_code == 0, res.output
+        assert f"skipped {n_icl}" in res.output and "has no in-context examples" in res.output
+        records = json.loads((tmp_path / fmt / name).read_text())
+        assert records and "same structure" not in json.dumps(records)
+
+
 def test_vqa_rad_split_and_answer_types(shared_data: Path, tmp_path: Path) -> None:
     samples = list(build_source("vqa-rad", shared_data / "vqa_rad", tmp_path))
     assert sum(s.split == "train" for s in samples) == 3064 and sum(s.split == "test" for s in samples) == 451

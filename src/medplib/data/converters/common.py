@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medplib.data.schema import Sample
 from medplib.errors import DataValidationError, InputError
 
 MODALITY_ALIASES = {
@@ -15,6 +16,13 @@ MODALITY_ALIASES = {
     "ultrasound": "ultrasound", "us": "ultrasound",
     "histopathology": "histopathology", "pathology": "histopathology",
 }
+
+
+def require_exportable(sample: Sample, fmt: str) -> None:
+    """Exports skip what their format cannot say instead of writing a record that means something else:
+    an in-context sample without its examples would ask about "the same structure" with none shown."""
+    if sample.examples:
+        raise InputError(f"sample {sample.id}: {fmt} has no in-context examples ({len(sample.examples)} here)")
 
 
 def rebase(path: str, from_dir: Path, to_dir: Path) -> str:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from medplib.data.converters.common import load_json, modality_from_name, rebase
+from medplib.data.converters.common import load_json, modality_from_name, rebase, require_exportable
 from medplib.data.schema import REGION_TOKEN, SEG_TOKEN, MaskRegion, Sample, Target, parse_sample
 from medplib.errors import DataValidationError, InputError
 
@@ -94,6 +94,7 @@ def _mask_path(target: Target, sample: Sample) -> str:
 
 def sample_to_record(sample: Sample, from_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Sample -> MeCoVQA record. Regions must be masks (MeCoVQA has no point or box regions)."""
+    require_exportable(sample, "MeCoVQA")
     regions = iter(sample.regions)
     mask_targets = iter([t for t in sample.targets if t.mask is not None])
     positions = {(t, off) for t, off in sample.meta.get("mecovqa_mask_at", [])}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from medplib.data.boxes import MED_GRIT_GRID, box_to_grid, format_med_grit, grid_to_box, mask_to_box, parse_med_grit
-from medplib.data.converters.common import load_json, modality_from_name, rebase
+from medplib.data.converters.common import load_json, modality_from_name, rebase, require_exportable
 from medplib.data.images import image_size
 from medplib.data.masks import read_mask
 from medplib.data.schema import (
@@ -98,6 +98,7 @@ def _region_box(region: Any, sample: Sample, root: Path) -> tuple[float, float, 
 
 def sample_to_record(sample: Sample, root: Path) -> dict[str, Any]:
     """Sample -> Med-GRIT record; `root` is the folder the sample's paths are relative to."""
+    require_exportable(sample, "Med-GRIT")
     if "med_grit_id" in sample.meta:  # imported: the text already is Med-GRIT text
         convs = [[u.content, a.content] for u, a in zip(sample.conversations[::2], sample.conversations[1::2])]
         rec = {"id": sample.meta["med_grit_id"], "conversations": convs, **sample.meta.get("med_grit_extra", {})}
