@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from medplib.data.builder import TASKS, BuildConfig, build_samples
 from medplib.data.converters.covid_cxr import read_covid_cxr
 from medplib.data.phantoms import phantom_items
-from medplib.data.reports import Finding, findings_of, parse_report, render_report, stated_abnormal
+from medplib.data.reports import REPORT_PROMPT, Finding, findings_of, parse_report, render_report, stated_abnormal
+from medplib.data.schema import IMAGE_TOKEN
 from medplib.errors import InputError
 from medplib.evaluation.findings import finding_scores
 
@@ -32,6 +34,19 @@ def test_every_phantom_report_reads_back_into_its_findings(phantoms: list) -> No
         assert stated_abnormal(text) == any(f.abnormal for f in findings)
     counts = {f.count for item in phantoms for f in findings_of(item)}
     assert 1 in counts and max(counts) > 1  # both templates are exercised (histopathology nuclei)
+
+
+def test_the_builder_report_task_writes_one_fixed_prompt_report_per_image(phantoms: list, tmp_path: Path) -> None:
+    def paraphrase(text: str) -> str:
+        return "Rephrased: " + text
+
+    cfg = BuildConfig(tasks=["report"], paraphrase=paraphrase)
+    samples = list(build_samples(phantoms, tmp_path, cfg))
+    assert len(samples) == len(phantoms) and {s.task for s in samples} == {"report"}
+    for item, s in zip(phantoms, samples):
+        assert s.conversations[0].content == f"{IMAGE_TOKEN}\n{REPORT_PROMPT}"  # never paraphrased
+        assert parse_report(s.conversations[1].content, item.vocabulary) == findings_of(item)
+    assert "report" not in TASKS  # opt-in: default builds are unchanged
 
 
 def test_a_real_chest_xray_report_keeps_the_sides(shared_data: Path, tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from medplib.data.schema import (
 from medplib.errors import ConfigError
 
 TASKS = ("vqa", "region_vqa", "grounding", "box_grounding", "caption")  # the default build
-ALL_TASKS = TASKS + ("icl",)
+ALL_TASKS = TASKS + ("icl", "report")  # opt-in: in-context episodes, templated reports (data/reports.py)
 MAX_BOXES_IN_TEXT = 8
 
 MODALITY_NAMES = {
@@ -209,17 +209,18 @@ class _Writer:
     def pick(self, options: Sequence[str]) -> str:
         return options[int(self.rng.integers(len(options)))]
 
-    def question(self, text: str) -> str:
-        if self.cfg.paraphrase is not None:
+    def question(self, text: str, fixed: bool = False) -> str:
+        if self.cfg.paraphrase is not None and not fixed:
             text = self.cfg.paraphrase(text)
         return f"{IMAGE_TOKEN}\n{text}"
 
     def sample(self, task: str, q: str, a: str, answer_type: str, regions: list | None = None,
-               targets: list[Target] | None = None, **meta: object) -> Sample:
+               targets: list[Target] | None = None, fixed_prompt: bool = False, **meta: object) -> Sample:
         self.n += 1
         return Sample(
             id=f"{self.item.source}:{_stem(self.item.image)}:{task}:{self.n}", image=self.item.image,
-            conversations=[Turn(role="user", content=self.question(q)), Turn(role="assistant", content=a)],
+            conversations=[Turn(role="user", content=self.question(q, fixed_prompt)),
+                           Turn(role="assistant", content=a)],
             regions=regions or [], targets=targets or [], modality=self.item.modality, task=task,  # type: ignore[arg-type]
             answer_type=answer_type, source=self.item.source, split=self.split,  # type: ignore[arg-type]
             group=self.item.group or _stem(self.item.image), meta={**self.item.meta, **meta})
@@ -304,6 +305,15 @@ class _Writer:
             targets = [Target(box=b, label=s.label) for b in boxes]
             yield self.sample("box_grounding", self.pick(_T_BOX).format(l=s.label), f"The {s.label} is at {text}.",
                               "open", targets=targets, box_format=self.cfg.box_format)
+
+    def report(self) -> Iterator[Sample]:
+        """PeFoMed's report task: one fixed prompt for training and evaluation alike (never paraphrased),
+        the templated report of the image's structures as the answer."""
+        # reports.py builds its sentences from this module's wording rules, so it is imported here
+        from medplib.data.reports import REPORT_PROMPT, findings_of, render_report
+
+        yield self.sample("report", REPORT_PROMPT, render_report(findings_of(self.item)), "open",
+                          fixed_prompt=True, kind="report")
 
     def caption(self) -> Iterator[Sample]:
         name = MODALITY_NAMES.get(self.item.modality or "")
