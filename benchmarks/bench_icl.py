@@ -7,7 +7,7 @@ For every query (an annotated structure of `--query-split` with `--label`, up to
 - k = 1..3, retrieved: the index's top-k of that label for the query image (never the query itself);
 - k = 1..3, random: k structures of that label drawn at random from `--library-split` (seeded, never
   the query image).
-A query's Dice is that of the answer's first mask (0 when the answer has no mask). Examples come
+A query's Dice is that of the answer's first mask (`medplib.evaluation.masks`; no mask = an empty one). Examples come
 from the library split only, so a held-out query never sees its own patient through the index when
 the library is the training split.
 
@@ -28,18 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from medplib.data.masks import read_mask
+from medplib.evaluation.masks import mask_overlap
 from medplib.inference import SEGMENT_TEMPLATE, Predictor
 from medplib.retrieval.examples import load_example
 from medplib.retrieval.index import ExampleIndex, embedder_for, retrieve_examples
 from medplib.retrieval.library import LibraryItem, load_item, read_library
-
-
-def dice(pred: np.ndarray | None, gt: np.ndarray) -> float:
-    """2|P n G| / (|P| + |G|); no predicted mask counts as empty."""
-    if pred is None:
-        pred = np.zeros_like(gt)
-    total = int(pred.sum()) + int(gt.sum())
-    return 1.0 if total == 0 else 2.0 * float((pred & gt).sum()) / total
 
 
 def _items(data: Path, split: str, label: str) -> list[LibraryItem]:
@@ -82,7 +75,8 @@ def main() -> None:
 
         def run(mode: str, question: str, examples: list, gt: np.ndarray = gt) -> None:
             pred = predictor.ask(question, examples=examples, max_new_tokens=args.max_new_tokens)
-            scores.setdefault(mode, []).append(dice(pred.masks[0] if pred.masks else None, gt))
+            mask = pred.masks[0] if pred.masks else np.zeros_like(gt)  # no mask answered counts as empty
+            scores.setdefault(mode, []).append(float(mask_overlap(mask, gt).dice[0]))
 
         run("text", SEGMENT_TEMPLATE.format(target=args.label), [])
         for k in ks:
