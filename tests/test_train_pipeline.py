@@ -168,3 +168,13 @@ def test_stage4_runner_supervises_routing_only_when_asked(pipeline_run: tuple[Pa
     assert aux[0.0] == [0.0, 0.0]
     # 2 MoE layers, each about ln 2 at upcycling (near-uniform router)
     assert all(0.5 < a < 3.0 for a in aux[1.0]), aux[1.0]
+
+
+def test_every_stage_writes_a_recipe_that_loads_back(pipeline_run: tuple[Path, Path]) -> None:
+    """`RUN/stageN/recipe.yaml` is the resolved recipe: `medplib train --recipe` must accept it as written,
+    stage IV's upcycling included, and it must resolve to the same recipe."""
+    _, run = pipeline_run
+    for k in range(1, 5):
+        path = run / f"stage{k}" / "recipe.yaml"
+        assert load_recipe(path, []).to_dict() == yaml.safe_load(path.read_text())
+    assert load_recipe(run / "stage4" / "recipe.yaml", []).upcycle.num_experts == 2
