@@ -1,4 +1,5 @@
-"""Plain data (JSON, YAML, `key=value` overrides) -> nested dataclasses, checked against their type hints.
+"""Plain data (JSON, YAML, `key=value` overrides) -> nested dataclasses, checked against their type hints,
+and back (`plain`).
 
 One coercer for the model config (`medplib.config`) and the training recipes
 (`medplib.training.recipe`): unknown keys and values of the wrong type are errors that name the
@@ -35,6 +36,18 @@ def build(cls: type, raw: Any, where: str, error: type[ConfigError] = ConfigErro
         raise
     except (TypeError, ValueError) as exc:
         raise error(f"{_key(where) or where}: {exc}") from None
+
+
+def plain(value: Any) -> Any:
+    """Nested dataclasses -> the plain data `build` reads back: only the fields that are keys (`init`);
+    a derived field (init=False, e.g. a recipe's `upcycle.num_experts`) is left out, as `build` refuses it."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 def _key(where: str) -> str:

@@ -11,13 +11,12 @@ Other backbones are a config change: `llm.kind="qwen2"`, `vision.kind="siglip"`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medplib.coerce import build
+from medplib.coerce import build, plain
 from medplib.errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -231,7 +230,7 @@ class MedPLIBConfig:
         return 1 if self.icl.encoding == "overlay" else 2
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return plain(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MedPLIBConfig":

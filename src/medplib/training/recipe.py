@@ -24,7 +24,7 @@ from typing import Any, Literal, Sequence
 import torch
 import yaml
 
-from medplib.coerce import build
+from medplib.coerce import build, plain
 from medplib.config import ICLConfig, MoEConfig
 from medplib.errors import ConfigError
 
@@ -186,19 +186,8 @@ class Recipe:
             raise RecipeError("checkpoint.keep_last must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as the YAML a run writes to `recipe.yaml`, which loads back into the same recipe
-        (derived fields such as `upcycle.num_experts` are left out: they are not keys)."""
-        return _init_fields(self)
-
-
-def _init_fields(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _init_fields(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, list):
-        return [_init_fields(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _init_fields(v) for k, v in value.items()}
-    return value
+        """The recipe as the YAML a run writes to `recipe.yaml`, which loads back into the same recipe."""
+        return plain(self)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
