@@ -141,7 +141,9 @@ def compute_metrics(
 ) -> tuple[dict[str, Any], _Grounding | None]:
     """The metrics.json blocks `metrics`, `per_modality`, `per_question_type` of a record set."""
     by_task: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in records:
+    # Scored in id order: the figures (float sums, bootstrap resamples) are the set's, not the store's order,
+    # so a resumed or multi-process run reports exactly what an uninterrupted one does.
+    for r in sorted(records, key=lambda r: str(r["id"])):
         by_task[record_task(r)].append(r)
     metrics: dict[str, Any] = {}
     per_modality: dict[str, dict[str, Any]] = defaultdict(dict)
