@@ -189,7 +189,10 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server: str, kva
 
 
 def test_full_queue_answers_429_then_recovers(kvasir_model: Path, kvasir: tuple) -> None:
-    app = create_app(Predictor.from_pretrained(kvasir_model), ServerSettings(model_name=MODEL, queue_size=2))
+    # max_batch=1: with batching, two requests reaching the model thread together run as one batch
+    # and only one is left waiting, however long the test waits
+    app = create_app(Predictor.from_pretrained(kvasir_model),
+                     ServerSettings(model_name=MODEL, queue_size=2, max_batch=1))
     server_state = app.state.server
     gate = threading.Event()
     ask_batch = server_state.predictor.ask_batch
