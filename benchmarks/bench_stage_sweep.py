@@ -18,6 +18,7 @@ import torch
 from medplib.data.loading import load_sample
 from medplib.data.schema import read_jsonl
 from medplib.demo import evaluate
+from medplib.inference import Predictor
 from medplib.training.loop import StageRunner
 from medplib.training.recipe import load_recipe
 
@@ -56,7 +57,7 @@ def main() -> None:
             m = runner.m
             m.model.eval()
             with torch.no_grad():
-                scores = evaluate(m, test)
+                scores = evaluate(Predictor(m), test)  # a fresh one: its feature cache is of these weights
             m.model.train()
             print(json.dumps({"stage": args.stage, "step": step + 1, "of": miles[-1], "train_s": round(train_s, 1),
                               **{k: v for k, v in scores.items() if v == v}}), flush=True)  # v == v: drop NaN

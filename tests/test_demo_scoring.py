@@ -15,6 +15,7 @@ from medplib.data.schema import IMAGE_TOKEN
 from medplib.demo import evaluate
 from medplib.evaluation.report import run_report
 from medplib.evaluation.runner import predict
+from medplib.inference import Query
 
 
 class _Alternating:
@@ -28,6 +29,9 @@ class _Alternating:
         corner[: h // 4, : w // 4] = True
         centre[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = True
         return Answer(text="Sure, it is [SEG] and [SEG].", masks=[corner, centre])
+
+    def ask_batch(self, queries: list[Query]) -> list[Answer]:  # what the demo's evaluate calls
+        return [self.generate(q.image, q.question, q.regions, q.region_arrays) for q in queries]
 
 
 def test_demo_grounding_mdice_is_medplib_evals(tmp_path: Path) -> None:
