@@ -56,3 +56,31 @@ def test_write_phantom_dataset_builds_valid_samples(tmp_path) -> None:
             assert t.mask is None or (tmp_path / t.mask).is_file()
     again = tmp_path / "again"
     assert write_phantom_dataset(again, n=9, seed=2, size=96).read_text() == path.read_text()
+
+
+def test_multi_structure_grounding_questions(tmp_path) -> None:
+    """`multi_grounding`: one extra question per image naming 2..k structures, one [SEG] per structure in the
+    order named, the masks those structures' own; every other sample of the build is unchanged."""
+    from medplib.data.builder import BuildConfig, build_samples
+    from medplib.data.loading import load_sample
+    from medplib.data.phantoms import phantom_items
+
+    items = list(phantom_items(tmp_path, 9, seed=1, size=96))
+    plain = list(build_samples(items, tmp_path, BuildConfig(seed=1)))
+    both = list(build_samples(items, tmp_path, BuildConfig(seed=1, multi_grounding=3)))
+    multi = [s for s in both if s.meta.get("kind") == "multi"]
+    assert [s for s in both if s.meta.get("kind") != "multi"] == plain
+    assert len(multi) == sum(1 for i in items if len({x.label for x in i.instances}) >= 2)
+    for s in multi:
+        question, answer = (t.content for t in s.conversations)
+        labels = [t.label for t in s.targets]
+        assert s.task == "grounding" and 2 <= len(labels) <= 3 and len(set(labels)) == len(labels)
+        assert answer.count("[SEG]") == len(labels)
+        assert [answer.lower().index(f"the {lab} is [seg]") for lab in labels] == sorted(
+            answer.lower().index(f"the {lab} is [seg]") for lab in labels)
+        assert all(f"the {lab}" in question for lab in labels)
+        single = {t.targets[0].label: t.targets[0].mask for t in plain
+                  if t.image == s.image and t.task == "grounding" and t.targets}
+        assert [t.mask for t in s.targets] == [single[lab] for lab in labels]
+        loaded = load_sample(s, tmp_path)
+        assert len(loaded.target_masks) == len(labels) and all(m.any() for m in loaded.target_masks)

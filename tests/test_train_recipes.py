@@ -120,3 +120,31 @@ def test_missing_model_folder_and_data_are_clear_errors(tmp_path: Path) -> None:
         build_model(r)
     with pytest.raises(RecipeError, match="no file matches"):
         build_dataset(r.data, 0)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # layer 2's inputs need no gradient: expected
+def test_lora_on_the_last_layers_with_the_seg_row_trained_on_the_output_side() -> None:
+    """`lora.last_layers` adapts only the top layers, and `seg_token_out` trains the `[SEG]` row through the
+    (tied) head alone: the backward pass then never reaches below the adapted layers."""
+    m = MedPLIB.from_preset("tiny", seed=0, **{"llm.hf.tie_word_embeddings": True, "llm.hf.num_hidden_layers": 3})
+    add_lora(m.model, 4, 8, 0.0, ["gate_proj", "down_proj"], last_layers=1)
+    adapted = {k.split(".layers.")[1].split(".")[0] for k, _ in m.model.named_parameters() if ".lora_" in k}
+    assert adapted == {"2"}
+    n = set_trainable(m.model, ["lora", "seg_token_out"])
+    emb = m.model.llm.get_input_embeddings()
+    assert emb.weight is m.model.llm.get_output_embeddings().weight
+    assert n == sum(p.numel() for k, p in m.model.named_parameters() if ".lora_" in k) + emb.weight.shape[1]
+    seg = m.model.ids.seg
+    ids = torch.tensor([[5, 17, 40, seg, 9]])
+    assert not emb(ids).requires_grad  # the input side is cut: no gradient crosses layers 0-1
+    reached: list[int] = []
+    m.model.llm.model.layers[1].register_full_backward_hook(lambda *a: reached.append(1))
+    m.model.llm.model.layers[2].register_full_backward_hook(lambda *a: reached.append(2))
+    logits = m.model.llm(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    assert reached == [2]
+    grad = emb.weight.grad
+    assert grad[seg].abs().sum() > 0 and grad[torch.arange(len(grad)) != seg].abs().sum() == 0
+    with pytest.raises(RecipeError, match="has 3 layers"):
+        add_lora(MedPLIB.from_preset("tiny", seed=0, **{"llm.hf.num_hidden_layers": 3}).model, 4, 8, 0.0,
+                 ["gate_proj"], last_layers=4)

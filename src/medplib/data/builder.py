@@ -94,6 +94,10 @@ class BuildConfig:
     paraphrase: Callable[[str], str] | None = None  # rewrites a user question; placeholders must survive
     icl_examples: Sequence[int] = (1, 2, 3)  # icl task: example counts k, one drawn per episode
     icl_episodes: int = 1  # icl task: episodes per (image, label) as the query
+    # grounding task: also one question per image naming 2..multi_grounding of its structures, answered with one
+    # [SEG] per structure (0 = off). One LLM pass then trains several masks: on a CPU budget the LLM is most of a
+    # grounding sample's cost.
+    multi_grounding: int = 0
 
 
 @dataclass
@@ -215,10 +219,14 @@ class _Writer:
         return f"{IMAGE_TOKEN}\n{text}"
 
     def sample(self, task: str, q: str, a: str, answer_type: str, regions: list | None = None,
-               targets: list[Target] | None = None, fixed_prompt: bool = False, **meta: object) -> Sample:
-        self.n += 1
+               targets: list[Target] | None = None, fixed_prompt: bool = False, number: str | None = None,
+               **meta: object) -> Sample:
+        """number: the id's last part, else the next of the image's counter."""
+        if number is None:
+            self.n += 1
+            number = str(self.n)
         return Sample(
-            id=f"{self.item.source}:{_stem(self.item.image)}:{task}:{self.n}", image=self.item.image,
+            id=f"{self.item.source}:{_stem(self.item.image)}:{task}:{number}", image=self.item.image,
             conversations=[Turn(role="user", content=self.question(q, fixed_prompt)),
                            Turn(role="assistant", content=a)],
             regions=regions or [], targets=targets or [], modality=self.item.modality, task=task,  # type: ignore[arg-type]
@@ -290,6 +298,23 @@ class _Writer:
             label = self.pick(self.absent)
             yield self.sample("grounding", self.pick(_T_SEG).format(target=label),
                               self.pick(_A_SEG_NONE).format(l=label), "open", kind="absent")
+        if self.cfg.multi_grounding >= 2 and len(self.structures) >= 2:
+            yield self.multi_grounding()
+
+    def multi_grounding(self) -> Sample:
+        """"Please segment the liver, the spleen and the aorta." -> "The liver is [SEG], the spleen is [SEG] and
+        the aorta is [SEG].", targets in that order. Its own random stream, so turning it on leaves every other
+        sample of the build as it was."""
+        rng = np.random.default_rng([int(self.rng.bit_generator.seed_seq.entropy) % 2**63, 1])
+        k = int(rng.integers(2, min(self.cfg.multi_grounding, len(self.structures)) + 1))
+        chosen = [self.structures[i] for i in rng.permutation(len(self.structures))[:k]]
+        labels = [f"the {s.label}" for s in chosen]
+        answers = [f"the {s.label} is {SEG_TOKEN}" for s in chosen]
+        answer = ", ".join(answers[:-1]) + " and " + answers[-1] + "."
+        targets = [Target(mask=s.path, box=mask_to_box(s.mask), label=s.label) for s in chosen]
+        question = SEGMENT_QUESTION.format(target=", ".join(labels[:-1])[4:] + " and " + labels[-1])
+        return self.sample("grounding", question, answer[0].upper() + answer[1:], "open", targets=targets,
+                           number="multi", kind="multi")
 
     def box_grounding(self) -> Iterator[Sample]:
         h, w = self.structures[0].mask.shape if self.structures else (0, 0)

@@ -68,7 +68,8 @@ def build_model(recipe: Recipe) -> MedPLIB:
             raise RecipeError(f"icl: {exc}") from None
         m = _with_config(m, cfg)
     if recipe.lora.r:
-        add_lora(m.model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.targets)
+        add_lora(m.model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.targets,
+                 last_layers=recipe.lora.last_layers)
     set_trainable(m.model, [*recipe.trainable, *recipe.unfreeze])
     return m
 

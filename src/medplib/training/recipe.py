@@ -66,6 +66,9 @@ class LoraSection:
     alpha: int = 16
     dropout: float = 0.05
     targets: list[str] = field(default_factory=list)  # module names, e.g. q_proj, gate_proj
+    # Adapt only the last N decoder layers (0 = all). With nothing trainable below them, the backward pass
+    # stops there: on a CPU the LLM's backward is most of a stage III step.
+    last_layers: int = 0
 
 
 @dataclass

@@ -5,6 +5,8 @@ Groups, as the published stage table names them:
     lora: the LoRA A/B matrices injected by `add_lora`
     lm_head, embed_tokens: the LLM's output / input embeddings
     seg_token: only the `[SEG]` rows of those embeddings (the other rows get no gradient)
+    seg_token_out: only the `[SEG]` row of the output embedding; with tied embeddings the input lookup is
+        detached, so the row learns to be emitted without a gradient crossing the LLM
     norms: the LLM's RMSNorm / LayerNorm weights
     router: the MoE routers
     llm: every LLM parameter (full fine-tuning)
@@ -45,6 +47,7 @@ GROUPS: dict[str, Callable[[MedPLIBModel, str], bool]] = {
     "lm_head": _same_tensor(lambda m: m.llm.get_output_embeddings()),
     "embed_tokens": _same_tensor(lambda m: m.llm.get_input_embeddings()),
     "seg_token": lambda model, p: GROUPS["lm_head"](model, p) or GROUPS["embed_tokens"](model, p),
+    "seg_token_out": lambda model, p: GROUPS["lm_head"](model, p),
     "norms": lambda model, p: p.startswith("llm.") and "norm" in p.rsplit(".", 2)[-2],
     "router": lambda model, p: ".router." in p,
     "llm": _prefix("llm"),
@@ -64,9 +67,13 @@ def set_trainable(model: MedPLIBModel, groups: Sequence[str]) -> int:
             n += p.numel()
     if n == 0:
         raise RecipeError(f"the trainable groups {list(groups)} select no parameter of this model")
-    if "seg_token" in groups and not {"lm_head", "embed_tokens", "llm"} & set(groups):
+    whole = {"lm_head", "embed_tokens", "llm"} & set(groups)
+    if {"seg_token", "seg_token_out"} & set(groups) and not whole:
         _train_rows_only(model, model.ids.seg)
-        n -= sum(p.numel() - p.shape[1] for p in _embedding_weights(model))
+        n -= sum(p.numel() - p.shape[1] for p in _embedding_weights(model) if p.requires_grad)
+    if "seg_token_out" in groups and not (whole or "seg_token" in groups):
+        # A forward hook, not a model setting: it lives on this training instance only and changes no value.
+        model.llm.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach())
     return n
 
 
@@ -79,20 +86,27 @@ def _train_rows_only(model: MedPLIBModel, row: int) -> None:
     """Zero the gradient of every embedding row but `row`: a token the model must learn to emit (stage III's
     `[SEG]`) trains without moving the pretrained vocabulary. With zero gradients, AdamW (weight decay 0 in
     the recipes) leaves those rows exactly as they were."""
-    for w in _embedding_weights(model):
+    for w in (w for w in _embedding_weights(model) if w.requires_grad):
         keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
         keep[row] = 1
         w.register_hook(lambda grad, keep=keep: grad * keep)
 
 
-def add_lora(model: MedPLIBModel, r: int, alpha: int, dropout: float, targets: Sequence[str]) -> None:
+def add_lora(model: MedPLIBModel, r: int, alpha: int, dropout: float, targets: Sequence[str],
+             last_layers: int = 0) -> None:
     """Inject LoRA adapters into the LLM's `targets` modules, in place (names stay the same plus
-    `.base_layer` / `.lora_A` / `.lora_B`). B starts at zero, so the model's outputs do not change."""
+    `.base_layer` / `.lora_A` / `.lora_B`), in every decoder layer or the `last_layers` top ones.
+    B starts at zero, so the model's outputs do not change."""
     names = {n.rsplit(".", 1)[-1] for n, _ in model.llm.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
         raise RecipeError(f"lora.targets {missing} name no module of the LLM")
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    depth = model.llm.config.num_hidden_layers
+    if not 0 <= last_layers <= depth:
+        raise RecipeError(f"lora.last_layers={last_layers}: the LLM has {depth} layers")
+    layers = list(range(depth - last_layers, depth)) if last_layers else None
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
+                     layers_to_transform=layers, layers_pattern="layers" if layers else None)
     inject_adapter_in_model(cfg, model.llm)
 
 
