@@ -1,4 +1,4 @@
-"""Box conversions are exact (property-based): 0..1000 and 0..100 grids, Kvasir rescaling."""
+"""Box conversions are exact (property-based): 0..1000 and 0..100 grids, both text formats, Kvasir rescaling."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medplib.data.boxes import (
+    BOX_FORMATS,
     MED_GRIT_GRID,
     MINIGPT_GRID,
+    box_grid,
     box_to_grid,
     format_med_grit,
     format_minigpt,
     grid_to_box,
     mask_to_box,
+    parse_boxes,
     parse_med_grit,
     parse_minigpt,
     scale_box,
@@ -53,6 +56,23 @@ def test_box_text_round_trips(data, grid: int) -> None:
     fmt, parse = (format_med_grit, parse_med_grit) if grid == MED_GRIT_GRID else (format_minigpt, parse_minigpt)
     text = "The lesion is at " + " and ".join(fmt(b) for b in boxes) + "."
     assert parse(text) == boxes
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=sizes, h=sizes, fmt=st.sampled_from(BOX_FORMATS), fx=st.lists(st.floats(0, 1), min_size=4, max_size=4))
+def test_pixel_box_through_text_and_back_is_within_half_a_cell(w: int, h: int, fmt, fx: list[float]) -> None:
+    """Pixel box -> grid -> the format's text -> parsed -> pixel box, in both formats: off by at most
+    half a grid cell per coordinate, and the text holds the one box on the format's grid."""
+    x1, x2 = sorted((fx[0] * w, fx[1] * w))
+    y1, y2 = sorted((fx[2] * h, fx[3] * h))
+    grid = box_grid(fmt)
+    write = format_med_grit if fmt == "med-grit" else format_minigpt
+    text = f"The polyp is at {write(box_to_grid((x1, y1, x2, y2), w, h, grid))}."
+    (gbox,) = parse_boxes(text, fmt)
+    assert all(0 <= v <= grid for v in gbox) and gbox[0] <= gbox[2] and gbox[1] <= gbox[3]
+    for v, b, size in zip((x1, y1, x2, y2), grid_to_box(gbox, w, h, grid), (w, h, w, h)):
+        assert abs(v - b) <= size / grid / 2 + 1e-9 * size
+    assert parse_boxes(text, "minigpt" if fmt == "med-grit" else "med-grit") == []  # the formats do not mix
 
 
 @settings(max_examples=300, deadline=None)

@@ -10,7 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, box_to_grid, grid_to_box, parse_med_grit, parse_minigpt
+from medplib.data.boxes import (
+    BOX_FORMATS,
+    MED_GRIT_GRID,
+    MINIGPT_GRID,
+    BoxFormat,
+    box_grid,
+    box_to_grid,
+    grid_to_box,
+    parse_boxes,
+    parse_med_grit,
+    parse_minigpt,
+)
 from medplib.data.builder import BuildConfig, build_samples
 from medplib.data.converters import build_source
 from medplib.data.converters.covid_cxr import read_covid_cxr
@@ -94,6 +105,28 @@ def test_box_text_round_trips_to_the_official_boxes(items: list, tmp_path: Path,
         back = grid_to_box(gbox, w, h, grid)
         for v, b, size in zip(official, back, (w, h, w, h)):
             assert abs(v - b) <= size / grid / 2 + 1e-9
+
+
+@pytest.mark.parametrize("box_format", BOX_FORMATS)
+def test_known_image_box_questions_and_answers_keep_the_side_in_both_formats(items: list, tmp_path: Path,
+                                                                             box_format: BoxFormat) -> None:
+    """VG on ARDSSevere.png: the question names the patient's lung, the answer's box lies on the image's
+    other half (Right Lung on the left) and reads back to the official box within half a grid cell."""
+    item, grid = _known(items), box_grid(box_format)
+    samples = [s for seed in range(3) for s in build_samples(
+        [item], tmp_path, BuildConfig(seed=seed, tasks=("box_grounding",), box_format=box_format))]
+    assert len(samples) == 6  # both lungs, for every seed (the question wording varies)
+    for s in samples:
+        q, a = s.conversations[0].content, s.conversations[1].content
+        label = "right lung" if "right lung" in q else "left lung"
+        assert ("right lung" in q) != ("left lung" in q) and f"The {label} is at " in a, (q, a)
+        assert s.meta["box_format"] == box_format and [t.label for t in s.targets] == [label]
+        (gbox,) = parse_boxes(a, box_format)
+        centre = (gbox[0] + gbox[2]) / 2
+        assert (centre < grid / 2) == (label == "right lung"), (q, a)  # the patient's right: the image's left
+        back = grid_to_box(gbox, 790, 631, grid)
+        for v, b, size in zip(KNOWN_BOXES[label], back, (790, 631, 790, 631)):
+            assert abs(v - b) <= size / grid / 2 + 1e-9, (label, back)
 
 
 def test_bird_boxes_survive_a_med_grit_export_and_import(items: list, covid: Path, tmp_path: Path) -> None:

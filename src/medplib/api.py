@@ -6,6 +6,7 @@ from a folder (`config.json`, `model.safetensors`, tokenizer files). Loading nev
     ans = m.generate(image, "Please segment the polyp.")
     ans.text, ans.masks
     ans = m.generate(image, "Segment the same structure.", examples=[(ex_image, ex_mask)])  # in-context
+    ans = m.generate(image, "Where is the polyp?", box_format="minigpt")  # boxes decoded under a grammar
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 
 from medplib.config import MedPLIBConfig, preset
-from medplib.data.boxes import MED_GRIT_GRID, Box, grid_to_box, mask_to_box, parse_med_grit
+from medplib.data.boxes import Box, BoxFormat, box_grid, check_box_format, grid_to_box, mask_to_box, parse_boxes
 from medplib.data.schema import Region, Turn
 from medplib.errors import CheckpointError, ConfigError, InputError
+from medplib.model.box_grammar import BoxGrammar
 from medplib.model.decoding import DecodeRequest
 from medplib.model.medplib import GenerationOutput, ImageFeatures, MedPLIBModel, SpecialIds
 from medplib.model.weights import (
@@ -43,8 +45,9 @@ CONFIG = "config.json"
 class Answer:
     """One answer about one image. Masks are (H, W) bool at the original image size, one per `[SEG]`;
     `boxes[i]` is the pixel-edge (x1, y1, x2, y2) box of `masks[i]` (None for an empty mask) and
-    `scores[i]` its predicted IoU; `text_boxes` are the `<box>` boxes written in the text, scaled from
-    the 0..1000 grid to original pixels."""
+    `scores[i]` its predicted IoU; `text_boxes` are the boxes written in the text, scaled from their
+    grid to original pixels: `<box>(x1,y1),(x2,y2)</box>` on 0..1000, or `{<x1><y1><x2><y2>}` on 0..100
+    when the question was asked with `box_format="minigpt"` (boxes off the grid are left out)."""
 
     text: str
     masks: list[np.ndarray] = field(default_factory=list)
@@ -87,6 +90,7 @@ class MedPLIB:
         self.config, self.tokenizer, self.model = config, tokenizer, model
         self.processor = Processor(config, tokenizer)
         self.quantize: str | None = None  # "int8" / "nf4" when from_pretrained quantised the LLM
+        self._box_grammars: dict[str, BoxGrammar] = {}  # one per format: building one reads the whole vocabulary
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -196,6 +200,7 @@ class MedPLIB:
         on_token: Any = None,
         examples: Sequence[Any] = (),
         example_features: Sequence[torch.Tensor] | None = None,
+        box_format: BoxFormat | None = None,
     ) -> Answer:
         """Answer one question about one image; every `[SEG]` in the answer yields a mask. Regions are
         in original pixels, one per `<region>` (appended when the conversation has none).
@@ -203,20 +208,22 @@ class MedPLIB:
         `history` is earlier (user, assistant) turns; `features` lets a caller reuse an image's
         features across questions (see `image_features`). `examples`: in-context (image, mask) pairs
         shown before the image (`example_features`); `example_features` passes them precomputed. The
-        masks are the image's (the query's); regions are on it too."""
+        masks are the image's (the query's); regions are on it too. `box_format` ("med-grit" or
+        "minigpt"): boxes in the answer are decoded under that format's grammar (well formed, on the
+        grid, closed within the token limit) and read into `text_boxes`; None: unconstrained."""
         if example_features is None:
             example_features = self.example_features(examples)
         req = self.decode_request(question, regions, region_arrays, history,
                                   features=features if features is not None else self.image_features(image),
                                   max_new_tokens=max_new_tokens, temperature=temperature, on_token=on_token,
-                                  examples=example_features)
+                                  examples=example_features, box_format=box_format)
         was_training = self.model.training
         self.model.eval()
         try:
             out: GenerationOutput = self.model.generate(
                 req.input_ids[None], req.features, req.pixel_values, req.region_masks, req.original_hw,
                 req.pixel_valid_hw, max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature,
-                on_token=on_token, examples=req.examples,
+                on_token=on_token, examples=req.examples, box_grammar=req.box_grammar,
             )
         finally:
             self.model.train(was_training)
@@ -234,17 +241,28 @@ class MedPLIB:
         temperature: float = 0.0,
         on_token: Any = None,
         examples: Sequence[torch.Tensor] = (),
+        box_format: BoxFormat | None = None,
     ) -> DecodeRequest:
         """One question about an image whose (ImageInputs, ImageFeatures) are given, encoded for the LLM
         (`Processor.encode_prompt`, which raises InputError for a bad question or regions). `examples`:
-        the in-context example images' vision features (`example_features`), placed before the image."""
+        the in-context example images' vision features (`example_features`), placed before the image.
+        `box_format`: decode the answer's boxes under that format's grammar (`box_grammar`)."""
+        grammar = self.box_grammar(box_format) if box_format is not None else None
         img, feats = features
         prompt = self.processor.encode_prompt(question, img.original_hw, regions, region_arrays, history,
                                               examples=self.count_examples(examples))
         dev = self.device
         return DecodeRequest(prompt.input_ids.to(dev), feats, img.pixel_values[None].to(dev),
                              [m.to(dev) for m in prompt.region_masks], img.original_hw, img.pixel_valid_hw,
-                             max_new_tokens, temperature, None, on_token, examples=list(examples))
+                             max_new_tokens, temperature, None, on_token, examples=list(examples), box_grammar=grammar)
+
+    def box_grammar(self, box_format: BoxFormat) -> BoxGrammar:
+        """The grammar of `box_format` for this model's tokenizer, built once and shared by every request
+        (each decoded row walks it with its own state; `medplib.model.box_grammar`)."""
+        box_format = check_box_format(box_format)
+        if box_format not in self._box_grammars:
+            self._box_grammars[box_format] = BoxGrammar(self.tokenizer, box_format)
+        return self._box_grammars[box_format]
 
     def count_examples(self, example_features: Sequence[torch.Tensor]) -> int:
         """How many examples a list of example prompt-image features holds (1 or 2 images each)."""
@@ -271,12 +289,15 @@ class MedPLIB:
         text = self.processor.decode(out.token_ids)
         masks = [(m > self.config.mask_threshold).cpu().numpy() for m in out.mask_logits]
         finished = bool(out.token_ids) and out.token_ids[-1] == self.tokenizer.eos_token_id
+        # The request's own box format, so a PFMVG answer's boxes are read as PFMVG's; med-grit otherwise.
+        fmt: BoxFormat = request.box_grammar.box_format if request.box_grammar is not None else "med-grit"
+        grid = box_grid(fmt)
         return Answer(
             text=text,
             masks=masks,
             boxes=[mask_to_box(m) if m.any() else None for m in masks],
             scores=out.scores,
-            text_boxes=[grid_to_box(g, w, h, MED_GRIT_GRID) for g in parse_med_grit(text) if max(g) <= MED_GRIT_GRID],
+            text_boxes=[grid_to_box(g, w, h, grid) for g in parse_boxes(text, fmt) if max(g) <= grid],
             token_ids=out.token_ids,
             prompt_tokens=int(request.input_ids.numel()),
             finish_reason="stop" if finished else "length",

@@ -10,6 +10,7 @@ the language model's decoding.
     for piece in stream: ...                       # text deltas (str)
     stream.result()                                # then the whole Prediction
     out = p.ask("Segment the same structure.", examples=[(ex_rgb, ex_mask)])  # in-context examples
+    out = p.ask("Where is the polyp?", box_format="med-grit")  # boxes under a grammar -> out.text_boxes
 
 Features are cached by image content (a hash of the pixels) in a small LRU bounded by entries and
 bytes, so a server that sees the same image again in a later request skips the vision towers.
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from medplib.api import Answer, MedPLIB
+from medplib.data.boxes import BoxFormat
 from medplib.data.builder import SEGMENT_QUESTION as SEGMENT_TEMPLATE
 from medplib.data.images import as_rgb
 from medplib.data.schema import Region, Turn
@@ -54,8 +56,8 @@ class Prediction(Answer):
 
 @dataclass
 class Query:
-    """One question for `ask_many` or `ask_batch`: an image, the question and its regions (the last
-    three fields are read by `ask_batch`; `ask_many` takes them as keyword arguments)."""
+    """One question for `ask_many` or `ask_batch`: an image, the question and its regions (the fields
+    after `history` are read by `ask_batch`; `ask_many` takes them as keyword arguments)."""
 
     image: Any
     question: str
@@ -66,6 +68,7 @@ class Query:
     temperature: float = 0.0
     on_text: Callable[[str], None] | None = None  # text deltas as they are decoded
     examples: Sequence[Any] = ()  # in-context (image, mask) pairs or Examples, shown before the image
+    box_format: BoxFormat | None = None  # boxes in the answer decoded under this format's grammar
 
 
 @dataclass
@@ -248,13 +251,16 @@ class Predictor:
         temperature: float = 0.0,
         on_text: Callable[[str], None] | None = None,
         examples: Sequence[Any] = (),
+        box_format: BoxFormat | None = None,
     ) -> Prediction:
         """Answer `question` about the current image. Regions are in original pixels, one per
         `<region>` (appended when the conversation has none); `on_text` receives text deltas.
         `examples`: in-context (image, mask) pairs (or `retrieval.examples.Example`s) shown before the
         image, encoded per the model's `icl.encoding`; the masks answer for the current image.
         `timings["image_s"]` is what `set_image` spent on this image just before (0 when reused);
-        `timings["examples_s"]` what the examples' features cost (0 when all were cached)."""
+        `timings["examples_s"]` what the examples' features cost (0 when all were cached).
+        `box_format` ("med-grit" or "minigpt"): boxes in the answer are decoded under that format's
+        grammar and read into `text_boxes` (`MedPLIB.generate`); None: unconstrained."""
         with self._lock:
             entry = self._current()
             t_ex = time.perf_counter()
@@ -264,7 +270,7 @@ class Predictor:
             ans = self.model.generate(
                 None, question, regions, region_arrays, history, features=(entry.image, entry.features),
                 max_new_tokens=max_new_tokens, use_cache=use_cache, temperature=temperature,
-                on_token=self._on_token(on_text), example_features=example_feats,
+                on_token=self._on_token(on_text), example_features=example_feats, box_format=box_format,
             )
             dt = time.perf_counter() - t0
             entry.nbytes = _nbytes(entry.image, entry.features)
@@ -276,7 +282,7 @@ class Predictor:
 
     def ask_batch(self, queries: Sequence[Query]) -> list[Prediction | Exception]:
         """Answer several questions, each about its own image with its own regions, history, token
-        limit and text callback, decoded together in one padded batch (`MedPLIB.generate_batch`).
+        limit, text callback and box format, decoded together in one padded batch (`MedPLIB.generate_batch`).
 
         Returns per query its Prediction or the exception it alone raised (a bad image, region or
         prompt, a failing callback): the others are answered as if it had not been there, and greedy
@@ -294,7 +300,8 @@ class Predictor:
                                                     features=(entry.image, entry.features),
                                                     max_new_tokens=q.max_new_tokens, temperature=q.temperature,
                                                     on_token=self._on_token(q.on_text),
-                                                    examples=self._example_features(q.examples))
+                                                    examples=self._example_features(q.examples),
+                                                    box_format=q.box_format)
                 except Exception as exc:  # noqa: BLE001 - this query's own failure
                     out[i] = exc
                     continue

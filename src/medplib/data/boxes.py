@@ -9,6 +9,7 @@ nearest grid line (error at most half a grid cell); grid -> pixel -> grid is the
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import numpy as np
 
@@ -17,6 +18,8 @@ from medplib.errors import InputError
 
 Box = tuple[float, float, float, float]
 GridBox = tuple[int, int, int, int]
+BoxFormat = Literal["med-grit", "minigpt"]  # BiRD / Med-GRIT text on 0..1000, MiniGPT-v2 / PFMVG on 0..100
+BOX_FORMATS: tuple[BoxFormat, ...] = ("med-grit", "minigpt")
 
 MED_GRIT_GRID = 1000
 MINIGPT_GRID = 100
@@ -80,6 +83,23 @@ def parse_med_grit(text: str) -> list[GridBox]:
 def parse_minigpt(text: str) -> list[GridBox]:
     """All MiniGPT-v2 boxes in `text`, in order."""
     return [tuple(int(v) for v in m.groups()) for m in _MINIGPT_RE.finditer(text)]  # type: ignore[misc]
+
+
+def parse_boxes(text: str, box_format: BoxFormat) -> list[GridBox]:
+    """All boxes of `box_format` in `text`, in order, on that format's grid (off-grid values are kept)."""
+    return {"med-grit": parse_med_grit, "minigpt": parse_minigpt}[check_box_format(box_format)](text)
+
+
+def box_grid(box_format: BoxFormat) -> int:
+    """The grid size N of a box format (integers on 0..N)."""
+    return {"med-grit": MED_GRIT_GRID, "minigpt": MINIGPT_GRID}[check_box_format(box_format)]
+
+
+def check_box_format(box_format: str) -> BoxFormat:
+    """`box_format` if it names a format; else InputError."""
+    if box_format not in BOX_FORMATS:
+        raise InputError(f"unknown box format {box_format!r}; choose from {', '.join(BOX_FORMATS)}")
+    return box_format  # type: ignore[return-value]
 
 
 def scale_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) -> Box:

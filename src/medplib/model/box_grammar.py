@@ -22,27 +22,32 @@ Use: build one processor per `generate` call (it takes the prompt length from it
 or from `prompt_length`) and pass it as a logits processor, e.g. with transformers
 `model.generate(..., logits_processor=LogitsProcessorList([BoxGrammar(tok, "med-grit",
 max_new_tokens=64)]), max_new_tokens=64)`, or call it on the scores of a custom decoding loop
-before sampling or argmax. Other models' text is still checked by the parsers, which report
-what does not parse.
+before sampling or argmax. medplib's own decoding (`medplib.model.decoding`, with `box_format` on
+`MedPLIB.generate`, the Predictor, `medplib ask` and the server) keeps one grammar per format and
+walks it per sequence with a `BoxConstraint` (`grammar.start(budget)`): each row of a batch has its
+own state, token budget and format (or none). Other models' text is still checked by the parsers,
+which report what does not parse.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, format_med_grit, format_minigpt
+from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, BoxFormat, format_med_grit, format_minigpt
 from medplib.data.schema import BOX_START_TOKEN
 from medplib.errors import ConfigError
 
-BoxFormat = Literal["med-grit", "minigpt"]
+__all__ = ["BoxConstraint", "BoxFormat", "BoxGrammar", "token_texts"]
 
 _FORMATS = {"med-grit": (format_med_grit, MED_GRIT_GRID, BOX_START_TOKEN),
             "minigpt": (format_minigpt, MINIGPT_GRID, "{")}
 _NUM = None  # an item of the body pattern that is a number field, not a literal character
 _INF = float("inf")
+# Inside-box states are met about once per box (the numbers typed so far are part of the state), so a
+# grammar shared by a long-lived server would otherwise keep one (V,) tensor per box ever written: their
+# memo is dropped when full. The few outside states (a scan of the whole vocabulary each) are kept.
+_MAX_INSIDE_STATES = 512
 
 # State: ("out", k) with k characters of the opener matched, or ("in", pos, digits, values):
 # at body item `pos`, `digits` typed of the current number, `values` the numbers finished.
@@ -88,6 +93,7 @@ class BoxGrammar:
             raise ConfigError(f"unknown box format {box_format!r}; choose from {', '.join(_FORMATS)}")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self.box_format: BoxFormat = box_format
         fmt, self.grid, self.opener = _FORMATS[box_format]
         # The body comes from the format's own writer, so grammar and parser share one spelling.
         template = fmt((-1, -2, -3, -4))
@@ -98,15 +104,22 @@ class BoxGrammar:
         self.ordered, self.max_new_tokens, self.prompt_length = ordered, max_new_tokens, prompt_length
         self.texts = token_texts(tokenizer)
         singles = {t for t in self.texts if len(t) == 1}
-        missing = sorted(set(self.opener + body.replace("\0", "") + "0123456789") - singles)
-        if missing and max_new_tokens is not None:
-            raise ConfigError(f"the tokenizer has no one-character token for {missing}; the length budget needs them")
+        self._missing = sorted(set(self.opener + body.replace("\0", "") + "0123456789") - singles)
+        if max_new_tokens is not None:
+            self._check_budget()
         # Tokens grouped by first character: inside a box only a few groups can match.
         self._by_first: dict[str, list[int]] = {}
         for i, t in enumerate(self.texts):
             self._by_first.setdefault(t[:1], []).append(i)
-        self._step: dict[tuple[State, int], State | None] = {}
-        self._need_after: dict[State, torch.Tensor] = {}
+        self._step: dict[tuple[State, int], State | None] = {}  # from outside states
+        self._step_in: dict[tuple[State, int], State | None] = {}  # from inside states, bounded
+        self._need_after: dict[State, torch.Tensor] = {}  # outside states
+        self._need_in: dict[State, torch.Tensor] = {}  # inside states, bounded
+
+    def _check_budget(self) -> None:
+        if self._missing:
+            raise ConfigError(f"the tokenizer has no one-character token for {self._missing}; "
+                              "the length budget needs them")
 
     # --- the character automaton ----------------------------------------------------------
     def _lower_bound(self, values: tuple[int, ...]) -> int:
@@ -164,16 +177,20 @@ class BoxGrammar:
         if token_id >= len(self.texts):  # padding rows of the embedding matrix: no text, never sampled
             return None
         key = (state, token_id)
-        if key not in self._step:
+        memo = self._step if state[0] == "out" else self._step_in
+        if key not in memo:
             s: State | None = state
             for ch in self.texts[token_id]:
                 s = self._char(s, ch) if s is not None else None
-            self._step[key] = s
-        return self._step[key]
+            if memo is self._step_in and len(memo) >= _MAX_INSIDE_STATES * 64:
+                memo.clear()
+            memo[key] = s
+        return memo[key]
 
     def need_after(self, state: State) -> torch.Tensor:
         """(V,) characters needed to close after each token from `state`; inf where a token breaks the box."""
-        if state not in self._need_after:
+        memo = self._need_after if state[0] == "out" else self._need_in
+        if state not in memo:
             out = torch.full((len(self.texts),), _INF)
             if state[0] == "in":
                 _, pos, digits, _ = state
@@ -187,8 +204,23 @@ class BoxGrammar:
                 nxt = self.advance(state, i)
                 if nxt is not None:
                     out[i] = self._need(nxt)
-            self._need_after[state] = out
-        return self._need_after[state]
+            if memo is self._need_in and len(memo) >= _MAX_INSIDE_STATES:
+                memo.clear()
+            memo[state] = out
+        return memo[state]
+
+    def allowed(self, state: State, left: int | None) -> torch.Tensor:
+        """(V,) bool: the tokens that keep the box under way well formed after `state`, and, with `left`
+        tokens still to generate (this one included), leave enough to close it; None: no length limit.
+        The one masking rule, shared by the logits processor and `BoxConstraint`."""
+        need = self.need_after(state)
+        return need <= (left - 1) if left is not None else torch.isfinite(need)
+
+    def start(self, max_new_tokens: int | None) -> "BoxConstraint":
+        """A walk through this grammar for one sequence about to generate at most `max_new_tokens` tokens."""
+        if max_new_tokens is not None:
+            self._check_budget()
+        return BoxConstraint(self, max_new_tokens)
 
     def state_of(self, token_ids: list[int]) -> State | None:
         """State after generated tokens (from the outside of any box)."""
@@ -213,7 +245,33 @@ class BoxGrammar:
             state = self.state_of(input_ids[b, self.prompt_length:].tolist())
             if state is None:  # the prompt region was edited by the caller: nothing sensible to enforce
                 raise ConfigError("the generated tokens already break the box grammar; was prompt_length right?")
-            need = self.need_after(state)
-            ok = need <= (left - 1) if left is not None else torch.isfinite(need)
-            allowed[b, : need.shape[0]] = ok.to(scores.device)
+            ok = self.allowed(state, left)
+            allowed[b, : ok.shape[0]] = ok.to(scores.device)
         return scores.masked_fill(~allowed, float("-inf"))
+
+
+class BoxConstraint:
+    """One sequence's walk through a `BoxGrammar`: `mask` its next-token scores, then `advance` on the
+    token chosen. Its own state and budget, so the rows of a batch are constrained independently."""
+
+    def __init__(self, grammar: BoxGrammar, max_new_tokens: int | None) -> None:
+        self.grammar, self.left = grammar, max_new_tokens
+        self.state: State = ("out", 0)
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (V',) next-token logits (V' >= the tokenizer's V: padding rows are never allowed) -> masked copy."""
+        if scores.shape[-1] < len(self.grammar.texts):
+            raise ConfigError(f"scores have {scores.shape[-1]} entries but the tokenizer has "
+                              f"{len(self.grammar.texts)} tokens")
+        ok = torch.zeros(scores.shape[-1], dtype=torch.bool)
+        ok[: len(self.grammar.texts)] = self.grammar.allowed(self.state, self.left)
+        return scores.masked_fill(~ok.to(scores.device), float("-inf"))
+
+    def advance(self, token_id: int) -> None:
+        """Take the chosen token; one the mask refused is an error (the caller sampled around the mask)."""
+        nxt = self.grammar.advance(self.state, int(token_id))
+        if nxt is None:
+            raise ConfigError(f"token {token_id} breaks the {self.grammar.box_format} box grammar")
+        self.state = nxt
+        if self.left is not None:
+            self.left -= 1

@@ -29,6 +29,11 @@ Decoding step modes (`MedPLIBModel.decode_mode`):
 Greedy tokens are the same in all three modes (tests/test_decoding.py); logits differ by float
 round-off (a different summation order), so a near-tie could in principle flip a greedy choice.
 
+Boxes in text: a request with a `box_grammar` (`medplib.model.box_grammar.BoxGrammar`, one per
+format, shared) has its row's logits masked by its own walk through that grammar (`BoxConstraint`)
+before the greedy argmax or the sampling, in every mode, so each box it opens is well formed, on
+the grid and closed within the row's token budget. Rows without one are decoded as before.
+
 The static step is written for the LLaMA-style decoders medplib builds (`llm.kind` llama or
 qwen2: `self_attn.{q,k,v,o}_proj`, `input_layernorm`, `post_attention_layernorm`, `mlp`, a
 `rotary_emb` and a final `norm`), so it does not depend on how a transformers release passes its
@@ -51,6 +56,7 @@ from medplib.errors import InputError
 from medplib.model.moe import RoutingInputs, routing
 
 if TYPE_CHECKING:
+    from medplib.model.box_grammar import BoxConstraint, BoxGrammar
     from medplib.model.medplib import GenerationOutput, ImageFeatures, MedPLIBModel
 
 DECODE_MODES = ("eager", "static", "compiled")
@@ -76,6 +82,7 @@ class DecodeRequest:
     on_token: Callable[[int], None] | None = None
     # in-context example images before the query: their vision features (1, N, Dv) each, in prompt order
     examples: list[torch.Tensor] = field(default_factory=list)
+    box_grammar: "BoxGrammar | None" = None  # boxes in the answer decoded under this grammar (its format)
 
 
 def _same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
@@ -200,11 +207,19 @@ def steps_of(model: "MedPLIBModel") -> _Steps:
     return steps
 
 
-def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    """logits (V,) float32 -> the next token: greedy below MIN_SAMPLING_TEMPERATURE, sampled above."""
+def choose_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                 constraint: "BoxConstraint | None" = None) -> int:
+    """logits (V,) float32 -> the next token: greedy below MIN_SAMPLING_TEMPERATURE, sampled above;
+    with a box `constraint`, among the tokens it allows only (and it takes the token chosen)."""
+    if constraint is not None:
+        logits = constraint.mask(logits)  # before the temperature: refused tokens get probability 0
     if temperature >= MIN_SAMPLING_TEMPERATURE:
-        return int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
-    return int(logits.argmax())
+        t = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
+    else:
+        t = int(logits.argmax())
+    if constraint is not None:
+        constraint.advance(t)
+    return t
 
 
 @torch.no_grad()
@@ -307,13 +322,22 @@ def generate_batch(model: "MedPLIBModel", requests: Sequence[DecodeRequest], mod
     seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(B)]
     done = [False] * B
     errors: list[Exception | None] = [None] * B
+    constraints: list[BoxConstraint | None] = [None] * B
+    for b, r in enumerate(reqs):
+        if r.box_grammar is not None:
+            try:
+                constraints[b] = r.box_grammar.start(budgets[b])  # the row's own budget: its boxes close in time
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer the grammar cannot budget: this row alone
+                errors[b], done[b] = exc, True
     for _ in range(steps_left):
+        if all(done):
+            break
         nxt = []
         for b, r in enumerate(reqs):
             if done[b]:
                 nxt.append(model.ids.pad)
                 continue
-            t = _choose(logits[b], r.temperature, r.generator)
+            t = choose_token(logits[b], r.temperature, r.generator, constraints[b])
             tokens[b].append(t)
             nxt.append(t)
             if r.on_token is not None:

@@ -11,7 +11,7 @@ emitted `[SEG]` into a mask at the original image size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from medplib.config import MedPLIBConfig
 from medplib.data.schema import region_count_problem
 from medplib.errors import CheckpointError, InputError
 from medplib.model import packaged
-from medplib.model.decoding import MIN_SAMPLING_TEMPERATURE, DecodeRequest, generate_batch
+from medplib.model.decoding import DecodeRequest, choose_token, generate_batch
 from medplib.model.decoding import masks as decoding_masks
 from medplib.model.efficientnet import load_imagenet
 from medplib.model.losses import IGNORE_INDEX, bce_loss, dice_loss, focal_loss, soft_iou
@@ -33,6 +33,9 @@ from medplib.model.pixel_encoder import PixelEncoder
 from medplib.model.regions import RegionEncoder
 from medplib.model.sam_checkpoint import load_sam_checkpoint
 from medplib.model.vision import VisionTower, build_projector
+
+if TYPE_CHECKING:
+    from medplib.model.box_grammar import BoxGrammar
 
 
 @dataclass(frozen=True)
@@ -349,6 +352,7 @@ class MedPLIBModel(nn.Module):
         generator: torch.Generator | None = None,
         on_token: Callable[[int], None] | None = None,
         examples: list[torch.Tensor] | None = None,
+        box_grammar: "BoxGrammar | None" = None,
     ) -> GenerationOutput:
         """Decode one sample: input_ids (1, T) ending with `ASSISTANT:`; pixel_values (1, 3, Sp, Sp).
 
@@ -356,13 +360,15 @@ class MedPLIBModel(nn.Module):
         (and kept, so a later question on the same image reuses it). With the cache this is a batch
         of one of `generate_batch` (the image's prefix cache reused); without it, every step reruns
         the whole sequence (the slow reference). `examples`: the in-context example images' vision
-        features (1, N, Dv) each, in prompt order (`embed`)."""
+        features (1, N, Dv) each, in prompt order (`embed`). `box_grammar`: boxes in the answer are
+        decoded under it (`medplib.model.decoding`), with or without the cache."""
         examples = list(examples or [])
         if input_ids.shape[0] != 1:
             raise InputError("generate decodes one sample at a time")
         if use_cache:
             req = DecodeRequest(input_ids[0], features, pixel_values, region_masks, original_hw, pixel_valid_hw,
-                                max_new_tokens, temperature, generator, on_token, examples=examples)
+                                max_new_tokens, temperature, generator, on_token, examples=examples,
+                                box_grammar=box_grammar)
             out = self.generate_batch([req])[0]
             if isinstance(out, Exception):
                 raise out
@@ -379,13 +385,11 @@ class MedPLIBModel(nn.Module):
         out = decoder(inputs_embeds=seq, use_cache=False)
         tokens: list[int] = []
         seg_hidden: list[torch.Tensor] = []
+        constraint = box_grammar.start(max_new) if box_grammar is not None else None
         for _ in range(max_new):
             h = out.last_hidden_state[:, -1]  # (1, H)
             logits = head(h).float()
-            if temperature >= MIN_SAMPLING_TEMPERATURE:
-                nxt = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
-            else:
-                nxt = int(logits.argmax(dim=-1))
+            nxt = choose_token(logits[0], temperature, generator, constraint)  # the cached path's rule
             tokens.append(nxt)
             if on_token is not None:
                 on_token(nxt)

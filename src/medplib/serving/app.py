@@ -31,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from medplib.data.boxes import BoxFormat
 from medplib.data.schema import Region, Turn
 from medplib.errors import InputError, MedplibError
 from medplib.inference import Prediction, Predictor, Query
@@ -88,6 +89,7 @@ class Job:
     max_new_tokens: int | None
     temperature: float
     examples: list[Example] = field(default_factory=list)  # in-context examples, checked
+    box_format: BoxFormat | None = None  # boxes in the answer decoded under this format's grammar
 
 
 def _parse(model: type[M], body: bytes) -> M:
@@ -182,7 +184,8 @@ class Server:
             raise PromptTooLong(f"the prompt has {n} tokens and fills the model's context of {context}")
 
     def job(self, image_url: str, question: str, regions: list[Region], history: list[Turn],
-            max_new_tokens: int | None, temperature: float, examples: Sequence[schemas.ExamplePair] = ()) -> Job:
+            max_new_tokens: int | None, temperature: float, examples: Sequence[schemas.ExamplePair] = (),
+            box_format: BoxFormat | None = None) -> Job:
         """Decode and validate everything a request carries (runs off the event loop)."""
         self.check_prompt(question, history, regions)
         rgb = decode_image(decode_data_url(image_url), self.settings.max_image_pixels)
@@ -194,12 +197,13 @@ class Server:
                                                               examples=len(examples))
         self.check_context(prompt)
         checked = examples_of(examples, self.settings.max_image_pixels)
-        return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature, checked)
+        return Job(rgb, question, regions, arrays, history, self.cap(max_new_tokens), temperature, checked, box_format)
 
     def run_batch(self, items: list[tuple[Job, Callable[[str], None] | None]]) -> list[Prediction | Exception]:
         """On the model thread: (job, text callback) pairs decoded together, one result or exception each."""
         return self.predictor.ask_batch([Query(j.rgb, j.question, j.regions, j.arrays, j.history, j.max_new_tokens,
-                                               j.temperature, on_text, j.examples) for j, on_text in items])
+                                               j.temperature, on_text, j.examples, j.box_format)
+                                         for j, on_text in items])
 
     # ---------------------------------------------------------------- routes
     async def chat(self, request: Request) -> Any:
@@ -211,7 +215,7 @@ class Server:
         history, question, url = chat_turns(req.messages)
         job = await run_in_threadpool(self.job, url, question, req.medplib.regions, history,
                                       req.max_completion_tokens or req.max_tokens, req.temperature or 0.0,
-                                      req.medplib.examples)
+                                      req.medplib.examples, req.medplib.box_format)
         rid, created, png = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.medplib.return_png
         if not req.stream:
             pred = await self.worker.submit_batched((job, None))

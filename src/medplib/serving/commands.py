@@ -99,6 +99,10 @@ def ask(
     k: int = typer.Option(3, "--k", help="examples to retrieve with --retrieve"),
     retrieve_label: Optional[str] = typer.Option(None, "--retrieve-label", help="retrieve only examples of this label"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit"),
+    box_format: Optional[str] = typer.Option(None, "--box-format", help="decode boxes in the answer under a grammar "
+                                             "(always well formed, on the grid, closed within the length limit): "
+                                             "med-grit <box>(x1,y1),(x2,y2)</box> on 0-1000 or minigpt "
+                                             "{<x1><y1><x2><y2>} on 0-100; --json gives them in pixels"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
@@ -107,6 +111,7 @@ def ask(
     from PIL import Image
     from pydantic import ValidationError
 
+    from medplib.data.boxes import check_box_format
     from medplib.data.images import read_image
     from medplib.data.masks import read_mask_image, rle_encode, write_mask_png
     from medplib.data.schema import BoxRegion, MaskRegion, PointRegion
@@ -116,9 +121,12 @@ def ask(
     from medplib.volume_commands import ask_volume_command, is_volume_request
 
     prepare_outputs({"--mask-out": mask_out, "--overlay-out": overlay_out, "--dicom-seg-out": dicom_seg_out})
+    fmt = check_box_format(box_format) if box_format is not None else None  # before the model loads
     if is_volume_request(image, mask_out, dicom_seg_out, volume):
         if example or retrieve is not None:
             raise InputError("in-context examples (--example, --retrieve) are for 2-D images, not volumes")
+        if fmt is not None:
+            raise InputError("--box-format is for 2-D images: a volume's answer is masks, slice by slice")
         ask_volume_command(image, question, model=model, point=point, box=box, region_mask=region_mask,
                            slice_index=slice_index, axis=axis, mask_out=mask_out, dicom_seg_out=dicom_seg_out,
                            overlay_out=overlay_out, postprocess=postprocess, as_json=as_json,
@@ -139,10 +147,11 @@ def ask(
     examples = _examples(example, retrieve, k, retrieve_label, data.rgb, predictor.model)
     predictor.set_image(data.rgb)
     if as_json:
-        pred = predictor.ask(question, regions, arrays, max_new_tokens=max_new_tokens, examples=examples)
+        pred = predictor.ask(question, regions, arrays, max_new_tokens=max_new_tokens, examples=examples,
+                             box_format=fmt)
     else:
         stream = predictor.stream(question, regions, region_arrays=arrays, max_new_tokens=max_new_tokens,
-                                  examples=examples)
+                                  examples=examples, box_format=fmt)
         for piece in stream:
             typer.echo(piece, nl=False)
         typer.echo("")

@@ -3,7 +3,8 @@ accepted and ignored) plus one extension object, `medplib`; responses add `medpl
 
 Request extension:  "medplib": {"regions": [{"kind": "point", "point": [x, y]}, ...], "return_png": true,
                                 "examples": [{"image": "data:image/png;base64,...",
-                                              "mask": "data:image/png;base64,..."}]}
+                                              "mask": "data:image/png;base64,..."}],
+                                "box_format": "med-grit"}
 Response extension: "medplib": {"masks": [{"rle": {"size": [h, w], "counts": "..."}, "png_base64": "...",
                                            "box": [x1, y1, x2, y2], "score": 0.9}],
                                 "text_boxes": [[x1, y1, x2, y2]], "timings": {...}}
@@ -20,6 +21,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from medplib.data.boxes import BoxFormat
 from medplib.data.masks import rle_encode
 from medplib.data.schema import Region
 from medplib.inference import Prediction
@@ -59,6 +61,8 @@ class MedplibOptions(_Strict):
     regions: list[Region] = Field(default_factory=list)  # original pixels; a mask only as a COCO RLE
     return_png: bool = True  # masks as PNG base64 beside the RLE
     examples: list[ExamplePair] = Field(default_factory=list)  # shown before the image, in order
+    # boxes in the answer decoded under a grammar ("med-grit" 0-1000 or "minigpt" 0-100), read into text_boxes
+    box_format: BoxFormat | None = None
 
 
 class StreamOptions(_Lenient):
