@@ -38,7 +38,9 @@ from medplib.visualize import overlay
 
 # Optimizer steps for stages I-IV at a global batch of 8, per preset. From random weights (small), stage I
 # (captions and VQA) is where the towers learn that answers depend on the image; grounding learns slowest.
-DEMO_STEPS = {"lite": (20, 50, 60, 20), "small": (120, 120, 240, 160)}
+# lite: what 15 minutes on a 2-core CPU pays for. Region labels need stage II's ~100 steps, and stage IV's
+# 30 steps win back the region answers upcycling disturbs (0.32 after 10 steps, 0.56 after 20: BENCHMARKS.md).
+DEMO_STEPS = {"lite": (20, 90, 60, 30), "small": (120, 120, 240, 160)}
 DEFAULT_PRESET = "lite"
 # The questions the demo trains on: captions (stage I's alignment) and the three kinds it scores. In a
 # 15-minute CPU budget each extra kind takes steps from these (measured with lite through stages I-IV at
@@ -49,6 +51,9 @@ DEMO_KINDS = ("modality", "label")
 MAX_EVAL = 50  # test questions per task
 EVAL_BATCH = 8  # test questions decoded together
 TEST_FRACTION = 0.2  # of the image groups: enough unseen images for >= 50 questions per task
+# Per image also one question naming up to this many structures, one [SEG] each (builder's multi_grounding):
+# stage III then trains several masks per LLM pass. Scored questions name one structure, as before.
+MULTI_GROUNDING = 4
 @dataclass
 class DemoResult:
     model_dir: Path
@@ -73,7 +78,8 @@ def write_demo_dataset(data: Path, n_phantoms: int, seed: int, size: int = 256,
     out = data / "demo.jsonl"
     items = [*phantom_items(data, n_phantoms, seed, size), *mni_items(data)]
     n_mni = sum(1 for i in items if i.source == "mni152")
-    samples = [s for s in build_samples(items, data, BuildConfig(seed=seed, test_fraction=TEST_FRACTION))
+    samples = [s for s in build_samples(items, data, BuildConfig(seed=seed, test_fraction=TEST_FRACTION,
+                                                                    multi_grounding=MULTI_GROUNDING))
                if s.task in DEMO_TASKS or s.meta.get("kind") in DEMO_KINDS]
     write_jsonl(samples, out)
     log(f"wrote {len(items) - n_mni} phantoms and {n_mni} MNI152 brain MRI slices with {len(samples)} questions "
@@ -111,7 +117,8 @@ def evaluate(p: Predictor, test: Sequence[LoadedSample]) -> dict[str, float]:
     on up to MAX_EVAL test questions each, answered by `p` (a Predictor, or anything with its `ask_batch`)."""
     vqa = [s for s in test if s.sample.task == "vqa" and s.sample.meta.get("kind") == "modality"][:MAX_EVAL]
     region = [s for s in test if s.sample.task == "region_vqa" and s.sample.meta.get("kind") == "label"][:MAX_EVAL]
-    seg = [s for s in test if s.sample.task == "grounding"][:MAX_EVAL]  # absent structures too, as medplib eval
+    # absent structures too, as medplib eval; one structure per question
+    seg = [s for s in test if s.sample.task == "grounding" and s.sample.meta.get("kind") != "multi"][:MAX_EVAL]
 
     def acc(xs: list[LoadedSample], regions: bool) -> float:
         if not xs:

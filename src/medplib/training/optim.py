@@ -25,7 +25,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimSection, s
     params = list(params)
     # The fused kernel: on a CPU the per-tensor loop took ~1 s a step over lite's 28M-value embedding matrix,
     # the fused one a tenth of that (docs/BENCHMARKS.md). It needs floating-point tensors on CPU or CUDA.
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    fused = optim.fused and bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]),
                             weight_decay=optim.weight_decay, fused=fused)
     warm = warmup if warmup is not None else (math.ceil(optim.warmup_ratio * steps) if optim.warmup_ratio > 0 else 0)

@@ -71,9 +71,14 @@ PRESET_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
     # task-supervised routing (model/moe.py), which keeps grounding on the grounding expert when stage IV is
     # short (0.3: its loss is summed over the 30 layers).
     "lite": {
-        "*": _CPU_COMMON,
+        # No LoRA dropout: its random masks took 0.47 s of a 5.3 s stage III step on a 2-core CPU.
+        "*": (*_CPU_COMMON, "lora.dropout=0"),
         "stage2_vl_expert": ("optim.lr=1e-3",),
-        "stage3_pg_expert": ("optim.lr=1e-3",),
+        # LoRA on the top 6 of 30 layers and the [SEG] row trained through the head only: the backward pass stops
+        # at layer 24 instead of crossing the LLM, so a step costs ~0.7x (docs/BENCHMARKS.md) at the same mDice
+        # for the same steps; the steps saved go to more grounding samples.
+        "stage3_pg_expert": ("optim.lr=1e-3", "lora.last_layers=6",
+                             "trainable=[lora,mask_decoder,seg_proj,seg_token_out]"),
         # Capacity factor 2 with 2 experts drops no token: task-supervised routing sends a VQA batch's tokens to
         # one expert, which the published 1.5 cuts by a quarter (measured: text loss 0.4 -> 5 in 25 steps).
         # lr 1e-3 as in stages II-III: at 1e-4 the fresh routers stay at chance over a 20-step stage IV (measured:

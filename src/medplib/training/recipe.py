@@ -90,7 +90,7 @@ class UpcycleSection(MoEConfig):
 
 
 # The loss parts `MedPLIBModel.forward` returns, in the order the runner logs them.
-LOSS_PARTS = ("ce", "bce", "dice", "focal", "iou", "balance", "z", "route")
+LOSS_PARTS = ("ce", "bce", "dice", "focal", "iou", "balance", "z", "route", "contrastive")
 
 
 @dataclass
@@ -98,7 +98,9 @@ class LossSection:
     """The stage's loss weights. Defaults: the published stage IV (ce 1, dice 0.5, bce 2, no routing
     loss). The routing losses are summed over the MoE layers (model/moe.py): `balance` is the
     Switch balance loss (published `router_aux_loss_coef`, 0 in stage IV), `z` the ST-MoE z-loss,
-    `route` task-supervised routing (not published)."""
+    `route` task-supervised routing (not published). `contrastive` is TISR's image-report InfoNCE
+    (model/tisr.py; 0 for a model without TISR): train it on report samples only, since every answered
+    row of a batch counts as that image's text."""
 
     ce: float = 1.0
     bce: float = 2.0
@@ -108,6 +110,7 @@ class LossSection:
     balance: float = 0.0
     z: float = 0.0
     route: float = 0.0
+    contrastive: float = 0.0
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss: the weighted sum of the parts (parts with weight 0 are left out, so a part
@@ -123,6 +126,7 @@ class OptimSection:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_ratio: float = 0.01  # linear warmup over this share of the steps, then linear decay to 0
+    fused: bool = True  # AdamW's fused kernel where every parameter allows it (floating point, CPU or CUDA)
 
 
 @dataclass
