@@ -167,6 +167,19 @@ class ICLConfig:
 
 
 @dataclass
+class TISRConfig:
+    """TISR (report generation, a plug-in; off by default): the query image also enters the prompt as
+    `tokens` pseudo-words, embeddings drawn from the LLM's own word-embedding space (textual inversion,
+    model/tisr.py), placed right after its image tokens; training can refine them with an image-text
+    contrastive loss against the report's word embeddings (the recipe's `loss.contrastive` weight).
+    `temperature` is that loss's softmax temperature (a model setting: it shapes what the pseudo-words learn)."""
+
+    enabled: bool = False
+    tokens: int = 4
+    temperature: float = 0.1
+
+
+@dataclass
 class TokenizerConfig:
     # the LLM's own tokenizer: a folder (paper) or a GGUF file (`package:file.gguf` allowed); None = medplib's BPE
     path: str | None = None
@@ -188,6 +201,7 @@ class MedPLIBConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     icl: ICLConfig = field(default_factory=ICLConfig)
+    tisr: TISRConfig = field(default_factory=TISRConfig)
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     # The prompt format (processing.CHAT_TEMPLATES): "vicuna" (LLaVA-1.5 / MedPLIB) or "chatml" (SmolLM2, Qwen2).
     chat_template: str = "vicuna"
@@ -212,6 +226,15 @@ class MedPLIBConfig:
             raise ConfigError(f"icl.example_token_grid must be in 1..{side} (the query's token grid)")
         if self.icl.max_examples < 0:
             raise ConfigError("icl.max_examples must be >= 0")
+        if self.tisr.tokens < 1 or self.tisr.temperature <= 0:
+            raise ConfigError("tisr.tokens must be >= 1 and tisr.temperature > 0")
+
+    @property
+    def num_query_tokens(self) -> int:
+        """`<image>` tokens the query image fills in a prompt: its image tokens, then TISR's pseudo-words
+        when it is on (they share the `<image>` id, so the vocabulary and every model without TISR stay as
+        they are)."""
+        return self.vision.num_image_tokens + (self.tisr.tokens if self.tisr.enabled else 0)
 
     @property
     def example_grid(self) -> int:

@@ -137,7 +137,8 @@ class Processor:
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE, IM_START, IM_END, REGION, SEG)}
         self.image_id, self.im_start_id, self.im_end_id = ids[IMAGE], ids[IM_START], ids[IM_END]
         self.region_id, self.seg_id = ids[REGION], ids[SEG]
-        self.num_image_tokens = config.vision.num_image_tokens
+        # The query image's `<image>` slots: its image tokens, and TISR's pseudo-words when on (config.py).
+        self.num_image_tokens = config.num_query_tokens
         if config.chat_template not in CHAT_TEMPLATES:
             raise ConfigError(f"unknown chat_template '{config.chat_template}' "
                               f"(choose from {', '.join(CHAT_TEMPLATES)})")
@@ -237,7 +238,7 @@ class Processor:
 
     def _expand_images(self, ids: list[int], labels: list[int], examples: int) -> tuple[list[int], list[int]]:
         """Each `<image>` -> `<im_start> <image>*n <im_end>` (no loss on any of it): n = the query's token
-        count for the last placeholder, the pooled example count for the ones before it."""
+        count (with TISR's pseudo-words) for the last placeholder, the pooled example count for the ones before it."""
         found = ids.count(self.image_id)
         need = examples * self.config.images_per_example + 1
         if found != need:

@@ -32,6 +32,7 @@ from medplib.model.pixel_cnn import CNNPixelEncoder
 from medplib.model.pixel_encoder import PixelEncoder
 from medplib.model.regions import RegionEncoder
 from medplib.model.sam_checkpoint import load_sam_checkpoint
+from medplib.model.tisr import TextualInversion, answer_words, contrastive_loss
 from medplib.model.vision import VisionTower, build_projector
 
 if TYPE_CHECKING:
@@ -71,8 +72,9 @@ class ImageFeatures:
 @dataclass
 class MedPLIBOutput:
     logits: torch.Tensor  # (B, T, V) without labels; with labels (N, V) at the N positions that predict one
-    # Unweighted scalar losses: ce, bce, dice, focal, iou (means over the batch's masks) and the MoE
-    # routing losses balance, z, route (sums over the MoE layers; 0 for a dense model).
+    # Unweighted scalar losses: ce, bce, dice, focal, iou (means over the batch's masks), the MoE
+    # routing losses balance, z, route (sums over the MoE layers; 0 for a dense model) and TISR's
+    # image-report contrastive loss (0 without TISR or labels; model/tisr.py).
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     mask_logits: list[list[torch.Tensor]] = field(default_factory=list)  # [b][k] (H, W)
 
@@ -154,6 +156,11 @@ class MedPLIBModel(nn.Module):
         )
         if cfg.moe.num_experts:
             replace_mlps_with_moe(self.llm, cfg.moe)
+        # Built last, and only when on: the other parts draw the same random init with or without it, and a
+        # model without TISR has no extra module, key or random draw.
+        self.tisr = (TextualInversion(cfg.tisr, self.vision.hidden_size, hidden,
+                                      blocked=(ids.image, ids.region, ids.seg, ids.pad))
+                     if cfg.tisr.enabled else None)
         # How cached decoding runs its steps: "eager" (the reference), "static" or "compiled" (decoding.py).
         self.decode_mode = "eager"
 
@@ -184,14 +191,23 @@ class MedPLIBModel(nn.Module):
         grid = vision_feats.transpose(1, 2).reshape(b, d, g, g)
         return F.adaptive_avg_pool2d(grid, t).flatten(2).transpose(1, 2)
 
+    def pseudo_words(self, vision_feats: torch.Tensor) -> torch.Tensor:
+        """TISR's pseudo-words of the query images: vision_feats (B, N, Dv) -> (B, K, H) (model/tisr.py)."""
+        if self.tisr is None:
+            raise InputError("this model has no TISR pseudo-words (tisr.enabled is false)")
+        return self.tisr(vision_feats, self.llm.get_input_embeddings().weight)
+
     def embed(self, input_ids: torch.Tensor, vision_feats: torch.Tensor, region_masks: list[list[torch.Tensor]],
-              example_feats: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+              example_feats: list[list[torch.Tensor]] | None = None,
+              pseudo_words: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features at `<image>` ids and region tokens at `<region>` ids.
 
         input_ids (B, T); vision_feats (B, N, Dv), the query images -> (B, T, H). `example_feats[b]`:
         sample b's in-context example images in prompt order, tensors (n_i, N, Dv) concatenated along
         dim 0; their tokens (pooled to `cfg.example_grid`) fill the `<image>` ids before the query's.
-        Regions are read from the query's features."""
+        With TISR the query's last K `<image>` ids take its pseudo-words (B, K, H): `pseudo_words` when
+        given (`forward` reuses them for its loss), else computed here. Regions are read from the query's
+        features."""
         emb = self.llm.get_input_embeddings()(input_ids)
         is_img = input_ids == self.ids.image
         n_img = is_img.sum(dim=1)
@@ -200,14 +216,17 @@ class MedPLIBModel(nn.Module):
         if len(examples) != input_ids.shape[0]:
             raise InputError(f"{len(examples)} example lists for {input_ids.shape[0]} sequences")
         n_ex = [0 if f is None else int(f.shape[0]) for f in examples]
-        want = [self.cfg.vision.num_image_tokens + k * self.cfg.num_example_tokens for k in n_ex]
+        want = [self.cfg.num_query_tokens + k * self.cfg.num_example_tokens for k in n_ex]
         if n_img.tolist() != want:
             if not any(n_ex):
-                raise InputError(f"each sequence needs {self.cfg.vision.num_image_tokens} image tokens, "
+                raise InputError(f"each sequence needs {self.cfg.num_query_tokens} image tokens, "
                                  f"found {n_img.tolist()}")
             raise InputError(f"with {n_ex} example images the sequences need {want} image tokens, "
                              f"found {n_img.tolist()}")
-        img = self.projector(self._pool_tokens(vision_feats)).to(emb.dtype)
+        img = self.projector(self._pool_tokens(vision_feats)).to(emb.dtype)  # (B, n, H)
+        if self.tisr is not None:
+            words = pseudo_words if pseudo_words is not None else self.pseudo_words(vision_feats)
+            img = torch.cat([img, words.to(emb.dtype)], dim=1)  # (B, n + K, H): beside the image tokens
         if any(n_ex):
             # Examples precede the query in every prompt; masked_scatter fills row by row, in order.
             ex = self.projector(self._pool_tokens(torch.cat([f for f in examples if f is not None]),
@@ -273,7 +292,8 @@ class MedPLIBModel(nn.Module):
             # One tower pass for every example image of the batch, split back per sample.
             feats = self.encode_vision(torch.cat(list(example_pixels)).to(vision_pixels.device, vision_pixels.dtype))
             example_feats = [[f] if f.shape[0] else [] for f in feats.split([p.shape[0] for p in example_pixels])]
-        emb = self.embed(input_ids, vision_feats, region_masks, example_feats)
+        words = self.pseudo_words(vision_feats) if self.tisr is not None else None  # (B, K, H)
+        emb = self.embed(input_ids, vision_feats, region_masks, example_feats, words)
         moe = self._moe_layers()
         inputs = RoutingInputs(token_mask=attention_mask.bool(), groups=token_groups, targets=route_targets)
         with routing(self.llm, inputs):  # a no-op for a dense LLM
@@ -325,6 +345,10 @@ class MedPLIBModel(nn.Module):
             parts[name] = torch.stack(xs).mean() if xs else zero
         for name in LOSS_NAMES:
             parts[name] = torch.stack([m.losses[name].to(dev) for m in moe]).sum() if moe else zero
+        # The report's text side is the answer's own input embeddings (untouched by the image splicing).
+        parts["contrastive"] = (contrastive_loss(words, emb, input_ids, answer_words(input_ids, labels, self.ids.eos),
+                                                 self.cfg.tisr.temperature).to(dev)
+                                if words is not None and labels is not None else zero)
         return MedPLIBOutput(logits=logits, parts=parts, mask_logits=mask_logits)
 
     # ------------------------------------------------------------------ inference

@@ -49,6 +49,8 @@ def summarize(model: MedPLIBModel) -> Summary:
         "mask_decoder": count(model.mask_decoder),
         "seg_projection": count(model.seg_proj),
     }
+    if model.tisr is not None:
+        parts["tisr"] = count(model.tisr)
     total = sum(parts.values())
     moe = model.cfg.moe
     idle = 0

@@ -9,6 +9,7 @@ Groups, as the published stage table names them:
         detached, so the row learns to be emitted without a gradient crossing the LLM
     norms: the LLM's RMSNorm / LayerNorm weights
     router: the MoE routers
+    tisr: TISR's textual-inversion module (model/tisr.py), on models with `tisr.enabled`
     llm: every LLM parameter (full fine-tuning)
 """
 
@@ -50,6 +51,7 @@ GROUPS: dict[str, Callable[[MedPLIBModel, str], bool]] = {
     "seg_token_out": lambda model, p: GROUPS["lm_head"](model, p),
     "norms": lambda model, p: p.startswith("llm.") and "norm" in p.rsplit(".", 2)[-2],
     "router": lambda model, p: ".router." in p,
+    "tisr": _prefix("tisr"),
     "llm": _prefix("llm"),
 }
 
