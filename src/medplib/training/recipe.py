@@ -127,7 +127,6 @@ class OptimSection:
     grad_clip: float = 1.0
     warmup_ratio: float = 0.01  # linear warmup over this share of the steps, then linear decay to 0
     fused: bool = True  # AdamW's fused kernel where every parameter allows it (floating point, CPU or CUDA)
-    fused: bool = True  # AdamW's fused kernel where every parameter allows it (floating point, CPU or CUDA)
 
 
 @dataclass
