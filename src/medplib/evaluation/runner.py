@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from medplib.data.boxes import MED_GRIT_GRID, MINIGPT_GRID, grid_to_box, parse_med_grit, parse_minigpt
+from medplib.data.boxes import BOX_FORMATS, BoxFormat, box_grid, grid_to_box, parse_boxes
 from medplib.data.loading import LoadedSample, load_sample
 from medplib.data.schema import IMAGE_TOKEN, REGION_TOKEN, SEG_TOKEN, Sample
 from medplib.errors import InputError, MedplibError
@@ -86,24 +86,21 @@ def exchange_task(sample: Sample) -> str:
         return sample.task
     if SEG_TOKEN in reference or sample.task == "grounding":
         return "grounding"
-    if _grid_boxes(reference, _box_format(sample)):
+    if parse_boxes(reference, _box_format(sample)):
         return "box_grounding"
     return "region_vqa" if REGION_TOKEN in question else "vqa"
 
 
-def _box_format(sample: Sample) -> str:
-    return str(sample.meta.get("box_format", "med-grit"))
+def _box_format(sample: Sample) -> BoxFormat:
+    fmt = sample.meta.get("box_format", "med-grit")
+    return fmt if fmt in BOX_FORMATS else "med-grit"
 
 
-def _grid_boxes(text: str, fmt: str) -> list[tuple[int, int, int, int]]:
-    return parse_minigpt(text) if fmt == "minigpt" else parse_med_grit(text)
-
-
-def text_boxes(text: str, fmt: str, width: int, height: int) -> list[list[float]]:
+def text_boxes(text: str, fmt: BoxFormat, width: int, height: int) -> list[list[float]]:
     """Pixel boxes written in `text`; boxes off the grid or with swapped corners are ignored."""
-    grid = MINIGPT_GRID if fmt == "minigpt" else MED_GRIT_GRID
+    grid = box_grid(fmt)
     out = []
-    for g in _grid_boxes(text, fmt):
+    for g in parse_boxes(text, fmt):
         if max(g) <= grid and g[0] <= g[2] and g[1] <= g[3]:
             out.append(list(grid_to_box(g, width, height, grid)))
     return out
