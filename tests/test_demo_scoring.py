@@ -21,7 +21,7 @@ from medplib.inference import Query
 class _Alternating:
     """Two masks (a corner and the centre) for every other question, none for the rest."""
 
-    def generate(self, image, question, regions=(), region_arrays=None, examples=()) -> Answer:
+    def generate(self, image, question, regions=(), region_arrays=None, examples=(), box_format=None) -> Answer:
         if len(question.replace(IMAGE_TOKEN, "").strip()) % 2:
             return Answer(text="There is none.")
         h, w = image.shape[:2]

@@ -131,7 +131,7 @@ def test_bad_samples_are_reported_and_counted_not_fatal(kvasir_model, shared_dat
 class _NoSeg:
     """A model that answers without [SEG]."""
 
-    def generate(self, image, question, regions=(), region_arrays=None, examples=()) -> Answer:
+    def generate(self, image, question, regions=(), region_arrays=None, examples=(), box_format=None) -> Answer:
         return Answer(text="I cannot find it.")
 
 
@@ -194,3 +194,42 @@ def test_a_folder_that_is_not_a_model_and_a_foreign_out_folder_are_clear_errors(
     (tmp_path / "o" / "metrics.json").write_text(json.dumps({"benchmark": "vqa-rad"}))
     res = _eval(tmp_path, "kvasir-seg", shared_data / "kvasir_seg", tmp_path / "o", "--limit", "1")
     assert res.exit_code == 2 and "choose another --out" in res.output
+
+
+class _BoxWriter:
+    """Answers every question with one box on the format it is asked for (the grammar's job in a real model)."""
+
+    def __init__(self) -> None:
+        self.formats: list[str | None] = []
+
+    def generate(self, image, question, regions=(), region_arrays=None, examples=(), box_format=None) -> Answer:
+        self.formats.append(box_format)
+        return Answer(text="{<10><20><50><60>}" if box_format == "minigpt" else "<box>(100,200),(500,600)</box>")
+
+
+@pytest.mark.parametrize("fmt", ["med-grit", "minigpt"])
+def test_box_questions_are_decoded_under_their_samples_format(shared_data, tmp_path, fmt):
+    from medplib.data.boxes import box_grid, box_to_grid, format_med_grit, format_minigpt, mask_to_box
+    from medplib.data.schema import Sample
+
+    (i, img, mask), = kvasir_images(shared_data, 1)
+    h, w = mask.shape
+    text = (format_minigpt if fmt == "minigpt" else format_med_grit)(box_to_grid(mask_to_box(mask), w, h,
+                                                                                  box_grid(fmt)))
+    image = str(shared_data / "kvasir_seg" / "images" / f"{i}.jpg")
+    box_q = Sample.model_validate({
+        "id": "box", "image": image, "task": "box_grounding", "meta": {"box_format": fmt}, "split": "test",
+        "conversations": [{"role": "user", "content": "Where is the polyp? Answer with a box."},
+                          {"role": "assistant", "content": f"The polyp is at {text}."}]})
+    seg_q = Sample.model_validate({
+        "id": "seg", "image": image, "task": "grounding", "split": "test",
+        "targets": [{"mask": str(shared_data / "kvasir_seg" / "masks" / f"{i}.jpg")}],
+        "conversations": [{"role": "user", "content": "Please segment the polyp."},
+                          {"role": "assistant", "content": "Sure, it is [SEG]."}]})
+    model = _BoxWriter()
+    rec = predict(model, box_q, tmp_path)
+    predict(model, seg_q, tmp_path)
+    assert model.formats == [fmt, None]  # a [SEG] question is not held to a box grammar
+    assert rec["task"] == "box_grounding" and rec["pred_boxes"] == [[0.1 * w, 0.2 * h, 0.5 * w, 0.6 * h]]
+    x1, y1, x2, y2 = rec["gt_boxes"][0]
+    assert mask[int(y1):int(y2) + 1, int(x1):int(x2) + 1].sum() == mask.sum()  # the reference box holds the polyp

@@ -136,10 +136,12 @@ def predict(model: Any, sample: Sample, root: Path) -> dict[str, Any]:
     loaded = load_sample(sample, root)
     question, reference = sample.conversations[0].content, sample.conversations[1].content
     n_regions = question.count(REGION_TOKEN)
+    task = exchange_task(sample)
+    # a box question is decoded under its format's grammar, so every answer is a well-formed box on the grid
     answer = model.generate(loaded.image, question, regions=loaded.regions[:n_regions],
                             region_arrays=loaded.region_masks[:n_regions],
-                            examples=loaded.examples)  # icl samples' examples
-    task = exchange_task(sample)
+                            examples=loaded.examples,  # icl samples' examples
+                            box_format=_box_format(sample) if task == "box_grounding" else None)
     hw = (int(loaded.image.shape[0]), int(loaded.image.shape[1]))
     rec: dict[str, Any] = {
         "id": sample.id, "task": task, "modality": _modality(sample),
