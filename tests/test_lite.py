@@ -59,8 +59,14 @@ def test_special_tokens_are_single_new_ids(lite: MedPLIB) -> None:
     assert min(new) >= 49152  # added after SmolLM2's own vocabulary
     emb = lite.model.llm.get_input_embeddings().weight
     assert emb.shape[0] == len(tok)
-    # New rows start at the mean of the pretrained rows.
-    torch.testing.assert_close(emb[new[0]], emb[:49152].mean(dim=0))
+    # A new row starts at the mean of its spelling's pretrained rows (`<box>` -> `<`, `box`, `>`), so no two
+    # new tokens start equal (a frozen shared row made `[SEG]` and `<box>` indistinguishable to write).
+    for t, i in zip(EXTRA_SPECIAL, new):
+        pieces = tok(t, add_special_tokens=False, split_special_tokens=True).input_ids
+        assert len(pieces) > 1 and max(pieces) < 49152, (t, pieces)
+        torch.testing.assert_close(emb[i], emb[pieces].mean(dim=0))
+    assert torch.unique(emb[new], dim=0).shape[0] == len(new)
+    assert torch.equal(lite.model.llm.get_output_embeddings().weight[new], emb[new])  # tied
 
 
 def test_chatml_prompt_and_labels(lite: MedPLIB) -> None:

@@ -36,7 +36,7 @@ from medplib.model.weights import (
     save_weights,
 )
 from medplib.processing import Encoded, Processor
-from medplib.tokenizer import IMAGE, REGION, SEG, build_tokenizer, load_tokenizer
+from medplib.tokenizer import IMAGE, REGION, SEG, build_tokenizer, load_tokenizer, special_token_spellings
 
 CONFIG = "config.json"
 
@@ -99,7 +99,8 @@ class MedPLIB:
         tok = tokenizer or build_tokenizer(config.tokenizer)
         if seed is not None:
             torch.manual_seed(seed)
-        model = MedPLIBModel(config, len(tok), _special_ids(tok))
+        spellings = special_token_spellings(tok) if config.llm.pretrained else None
+        model = MedPLIBModel(config, len(tok), _special_ids(tok), spellings)
         return cls(config, tok, model)
 
     @classmethod

@@ -137,5 +137,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def special_token_spellings(tok: PreTrainedTokenizerBase) -> dict[int, list[int]]:
+    """Each added token's id -> the ids of its text as ordinary text (`<box>` -> `<`, `box`, `>`): where a
+    pretrained LLM's new embedding rows start (model/medplib.py `_grow_embeddings`)."""
+    return {i: tok(t.content, add_special_tokens=False, split_special_tokens=True).input_ids
+            for i, t in tok.added_tokens_decoder.items()}
+
+
 def build_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerBase:
     return load_tokenizer(cfg.path) if cfg.path else train_tokenizer(cfg)

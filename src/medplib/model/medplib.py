@@ -11,7 +11,7 @@ emitted `[SEG]` into a mask at the original image size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,22 +97,30 @@ def _load_pretrained_llm(spec: str) -> nn.Module:
         raise CheckpointError(f"cannot load the LLM from {spec}: {exc}") from None
 
 
-def _grow_embeddings(llm: nn.Module, vocab_size: int) -> None:
-    """Add rows for medplib's special tokens. New rows start at the mean of the pretrained rows: a token
-    the LLM has never seen then sits where an average word sits, neither dominating the logits nor vanishing."""
+def _grow_embeddings(llm: nn.Module, vocab_size: int, spellings: Mapping[int, Sequence[int]]) -> None:
+    """Add rows for medplib's special tokens. A new row starts at the mean of the pretrained rows of its own
+    spelling (`<box>` -> `<`, `box`, `>`; `spellings`, from `tokenizer.special_token_spellings`), else at the
+    mean of all pretrained rows. Every new token then sits where ordinary words sit, neither dominating the
+    logits nor vanishing, and no two start equal: with one shared starting row, a model that may not train
+    those rows cannot tell `[SEG]` from `<box>` when it writes them (measured: text boxes came out as
+    `[SEG](x,y),(x,y)[SEG]`)."""
     old = llm.get_input_embeddings().num_embeddings
     if old >= vocab_size:
         return
     llm.resize_token_embeddings(vocab_size, mean_resizing=False)
     with torch.no_grad():
         for emb in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
-            emb.weight[old:] = emb.weight[:old].mean(dim=0)
+            mean = emb.weight[:old].mean(dim=0)
+            for i in range(old, vocab_size):
+                pieces = [j for j in spellings.get(i, ()) if j < old]
+                emb.weight[i] = emb.weight[pieces].mean(dim=0) if pieces else mean
 
 
-def _build_llm(cfg: MedPLIBConfig, vocab_size: int, ids: SpecialIds) -> nn.Module:
+def _build_llm(cfg: MedPLIBConfig, vocab_size: int, ids: SpecialIds,
+               spellings: Mapping[int, Sequence[int]]) -> nn.Module:
     if cfg.llm.pretrained:
         llm = _load_pretrained_llm(cfg.llm.pretrained)
-        _grow_embeddings(llm, vocab_size)
+        _grow_embeddings(llm, vocab_size, spellings)
         # The pad id is medplib's (the collator pads with it); GGUF configs may carry quantisation notes.
         llm.config.pad_token_id = ids.pad
         llm.config.quantization_config = None
@@ -141,11 +149,14 @@ def _build_pixel_parts(cfg: MedPLIBConfig) -> tuple[nn.Module, MaskDecoder]:
 
 
 class MedPLIBModel(nn.Module):
-    def __init__(self, cfg: MedPLIBConfig, vocab_size: int, ids: SpecialIds):
+    def __init__(self, cfg: MedPLIBConfig, vocab_size: int, ids: SpecialIds,
+                 spellings: Mapping[int, Sequence[int]] | None = None):
+        """spellings: token id -> the ids of its text in the LLM's own vocabulary, where the new rows of a
+        pretrained LLM start (`_grow_embeddings`); ignored for a random-init LLM and for loaded weights."""
         super().__init__()
         self.cfg, self.ids = cfg, ids
         self.vision = VisionTower(cfg.vision)
-        self.llm = _build_llm(cfg, vocab_size, ids)
+        self.llm = _build_llm(cfg, vocab_size, ids, spellings or {})
         hidden = self.llm.config.hidden_size
         self.projector = build_projector(cfg.projector, self.vision.hidden_size, hidden)
         self.region_encoder = RegionEncoder(self.vision.hidden_size, hidden, cfg.region.max_points, cfg.region.spatial)

@@ -9,7 +9,7 @@ attention over E rather than a free projection with a norm penalty: a convex com
 inside the span, and within the norm range, of real word embeddings by construction, whatever the
 training does, so no penalty weight has to be tuned and nothing can drift into a region of the input
 space the LLM never saw. At initialisation the attention is near uniform, so a pseudo-word starts at the
-mean word (where `_grow_embeddings` puts new tokens), and the queries' scale learns how sharp the choice is.
+mean word, and the queries' scale learns how sharp the choice is.
 E is read detached: the vocabulary defines the space and TISR only reads it; the word rows keep
 training through the LLM's own loss when a recipe trains them.
 
