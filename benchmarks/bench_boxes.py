@@ -99,7 +99,7 @@ def _rebase(s: Sample, sub: str) -> Sample:
 def recipe(args: argparse.Namespace, data: dict[str, Path], out: Path) -> dict[str, Any]:
     if args.preset == "lite":  # pretrained LLM and towers: LoRA, the new parts in full
         trainable = ["lora", "projector", "region_encoder", "pixel_encoder", "mask_decoder", "seg_proj",
-                     "seg_token_out", "norms"]
+                     "seg_token_out", "box_tokens_out", "norms"]
         lora = {"r": 16, "alpha": 16, "dropout": 0.0,
                 "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     else:  # random init: everything trains

@@ -21,7 +21,7 @@ import torch
 
 from medplib.config import MedPLIBConfig, preset
 from medplib.data.boxes import Box, BoxFormat, box_grid, check_box_format, grid_to_box, mask_to_box, parse_boxes
-from medplib.data.schema import Region, Turn
+from medplib.data.schema import BOX_END_TOKEN, BOX_START_TOKEN, Region, Turn
 from medplib.errors import CheckpointError, ConfigError, InputError
 from medplib.model.box_grammar import BoxGrammar
 from medplib.model.decoding import DecodeRequest
@@ -82,7 +82,9 @@ def check_device(device: torch.device) -> None:
 
 def _special_ids(tok: Any) -> SpecialIds:
     get = tok.convert_tokens_to_ids
-    return SpecialIds(image=get(IMAGE), region=get(REGION), seg=get(SEG), eos=tok.eos_token_id, pad=tok.pad_token_id)
+    box = tuple(i for i in (get(BOX_START_TOKEN), get(BOX_END_TOKEN)) if i is not None and i != tok.unk_token_id)
+    return SpecialIds(image=get(IMAGE), region=get(REGION), seg=get(SEG), eos=tok.eos_token_id, pad=tok.pad_token_id,
+                      box=box)
 
 
 class MedPLIB:

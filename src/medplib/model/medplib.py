@@ -46,6 +46,7 @@ class SpecialIds:
     seg: int
     eos: int
     pad: int
+    box: tuple[int, ...] = ()  # `<box>`, `</box>` (Med-GRIT's box delimiters) when the vocabulary has them
 
 
 @dataclass

@@ -31,7 +31,8 @@ def build_on_meta(cfg: MedPLIBConfig, vocab_size: int) -> MedPLIBModel:
     """The model's modules with meta tensors: shapes and counts only; needs no local weights."""
     cfg = MedPLIBConfig.from_dict(cfg.to_dict())
     cfg.vision.pretrained = cfg.llm.pretrained = cfg.pixel.checkpoint = None
-    ids = SpecialIds(image=vocab_size - len(EXTRA_SPECIAL), region=vocab_size - 4, seg=vocab_size - 3, eos=2, pad=0)
+    ids = SpecialIds(image=vocab_size - len(EXTRA_SPECIAL), region=vocab_size - 4, seg=vocab_size - 3, eos=2, pad=0,
+                     box=(vocab_size - 2, vocab_size - 1))
     with torch.device("meta"):
         return MedPLIBModel(cfg, vocab_size, ids)
 

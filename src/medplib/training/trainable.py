@@ -7,6 +7,8 @@ Groups, as the published stage table names them:
     seg_token: only the `[SEG]` rows of those embeddings (the other rows get no gradient)
     seg_token_out: only the `[SEG]` row of the output embedding; with tied embeddings the input lookup is
         detached, so the row learns to be emitted without a gradient crossing the LLM
+    box_tokens_out: the same for the `<box>` and `</box>` rows (a pretrained LLM learns to open and close a
+        box in text without moving its vocabulary)
     norms: the LLM's RMSNorm / LayerNorm weights
     router: the MoE routers
     tisr: TISR's textual-inversion module (model/tisr.py), on models with `tisr.enabled`
@@ -49,6 +51,7 @@ GROUPS: dict[str, Callable[[MedPLIBModel, str], bool]] = {
     "embed_tokens": _same_tensor(lambda m: m.llm.get_input_embeddings()),
     "seg_token": lambda model, p: GROUPS["lm_head"](model, p) or GROUPS["embed_tokens"](model, p),
     "seg_token_out": lambda model, p: GROUPS["lm_head"](model, p),
+    "box_tokens_out": lambda model, p: GROUPS["lm_head"](model, p),
     "norms": lambda model, p: p.startswith("llm.") and "norm" in p.rsplit(".", 2)[-2],
     "router": lambda model, p: ".router." in p,
     "tisr": _prefix("tisr"),
@@ -70,10 +73,14 @@ def set_trainable(model: MedPLIBModel, groups: Sequence[str]) -> int:
     if n == 0:
         raise RecipeError(f"the trainable groups {list(groups)} select no parameter of this model")
     whole = {"lm_head", "embed_tokens", "llm"} & set(groups)
-    if {"seg_token", "seg_token_out"} & set(groups) and not whole:
-        _train_rows_only(model, model.ids.seg)
-        n -= sum(p.numel() - p.shape[1] for p in _embedding_weights(model) if p.requires_grad)
-    if "seg_token_out" in groups and not (whole or "seg_token" in groups):
+    rows = ([model.ids.seg] if {"seg_token", "seg_token_out"} & set(groups) else []) + (
+        list(model.ids.box) if "box_tokens_out" in groups else [])
+    if "box_tokens_out" in groups and not model.ids.box:
+        raise RecipeError("trainable group 'box_tokens_out': this model's vocabulary has no <box> / </box> tokens")
+    if rows and not whole:
+        _train_rows_only(model, rows)
+        n -= sum(p.numel() - len(rows) * p.shape[1] for p in _embedding_weights(model) if p.requires_grad)
+    if {"seg_token_out", "box_tokens_out"} & set(groups) and not (whole or "seg_token" in groups):
         # A forward hook, not a model setting: it lives on this training instance only and changes no value.
         model.llm.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach())
     return n
@@ -84,13 +91,13 @@ def _embedding_weights(model: MedPLIBModel) -> list[nn.Parameter]:
     return list({id(w): w for w in weights}.values())  # one tensor when tied
 
 
-def _train_rows_only(model: MedPLIBModel, row: int) -> None:
-    """Zero the gradient of every embedding row but `row`: a token the model must learn to emit (stage III's
-    `[SEG]`) trains without moving the pretrained vocabulary. With zero gradients, AdamW (weight decay 0 in
-    the recipes) leaves those rows exactly as they were."""
+def _train_rows_only(model: MedPLIBModel, rows: Sequence[int]) -> None:
+    """Zero the gradient of every embedding row but `rows`: tokens the model must learn to emit (stage III's
+    `[SEG]`, a box's delimiters) train without moving the pretrained vocabulary. With zero gradients, AdamW
+    (weight decay 0 in the recipes) leaves those rows exactly as they were."""
     for w in (w for w in _embedding_weights(model) if w.requires_grad):
         keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
-        keep[row] = 1
+        keep[list(rows)] = 1
         w.register_hook(lambda grad, keep=keep: grad * keep)
 
 
