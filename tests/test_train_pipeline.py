@@ -21,6 +21,7 @@ from medplib.config import MoEConfig
 from medplib.data.loading import load_sample
 from medplib.data.phantoms import write_phantom_dataset
 from medplib.data.schema import read_jsonl
+from medplib.demo import STAGE_EXTRA
 from medplib.model.moe import force_expert, moe_layers
 from medplib.training.build import build_model
 from medplib.training.data import GROUNDING_EXPERT, VL_EXPERT, route_targets, token_groups
@@ -145,6 +146,9 @@ def test_route_targets_skip_the_prefix_and_padding(pipeline_run: tuple[Path, Pat
         first = int(torch.nonzero(ids == m.model.ids.image)[-1]) + 2  # the first token after the image
         assert (targets[:first] == -1).all(), task
         assert (targets[first:] == expert).all(), task
+        # `upcycle.prefix_expert`: the prefix goes to one expert whatever the task; the rest is unchanged
+        fixed = route_targets(batch, token_groups(batch), m.model.ids.image, prefix_expert=VL_EXPERT)[0]
+        assert (fixed[:first] == VL_EXPERT).all() and torch.equal(fixed[first:], targets[first:]), task
 
 
 def test_stage4_runner_supervises_routing_only_when_asked(pipeline_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -168,6 +172,29 @@ def test_stage4_runner_supervises_routing_only_when_asked(pipeline_run: tuple[Pa
     assert aux[0.0] == [0.0, 0.0]
     # 2 MoE layers, each about ln 2 at upcycling (near-uniform router)
     assert all(0.5 < a < 3.0 for a in aux[1.0]), aux[1.0]
+
+
+def test_stage4_routers_alone_leave_every_other_weight_as_upcycled(
+    pipeline_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The demo's lite stage IV (`medplib.demo.STAGE_EXTRA`: routers trained alone by the route loss, the image's
+    tokens sent to the vision-language expert): the route loss falls, and only router weights differ from the
+    upcycled model the stage starts from."""
+    jsonl, run = pipeline_run
+    place = [f"model.path={run / 'stage2' / 'model'}",
+             f"upcycle.experts=[{run / 'stage3' / 'model'},{run / 'stage2' / 'model'}]", f"data.dir={jsonl.parent}",
+             "train.global_batch=4", "train.micro_batch=4", "train.mixed_precision=fp32", "checkpoint.every=0",
+             "log.progress=false", "log.tensorboard=false", "log.every=1"]
+    recipe = load_recipe(default_recipes_dir() / "stage4_moe.yaml",
+                         [*place, f"output_dir={tmp_path / 's4'}", "train.steps=6", *STAGE_EXTRA["lite"]["stage4_moe"]])
+    assert recipe.upcycle.prefix_expert == VL_EXPERT and recipe.trainable == ["router"]
+    start = build_model(recipe).model.state_dict()
+    result = train(recipe, log=lambda s: None)
+    route = [row["route"] for row in result.history]
+    assert route[-1] < route[0], route
+    trained = MedPLIB.from_pretrained(result.folder).model.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], trained[k])}
+    assert changed and all(".router." in k for k in changed), sorted(changed)[:5]
 
 
 def test_every_stage_writes_a_recipe_that_loads_back(pipeline_run: tuple[Path, Path]) -> None:

@@ -136,15 +136,17 @@ def token_groups(batch: dict[str, Any]) -> torch.Tensor:
 GROUNDING_EXPERT, VL_EXPERT = 0, 1
 
 
-def route_targets(batch: dict[str, Any], groups: torch.Tensor, image_id: int) -> torch.Tensor:
+def route_targets(batch: dict[str, Any], groups: torch.Tensor, image_id: int, prefix_expert: int = -1
+                  ) -> torch.Tensor:
     """(B, T) expert per token for task-supervised routing (the recipe's `loss.route`): tokens of a
-    grounding sample -> GROUNDING_EXPERT, of any other task -> VL_EXPERT; -1 (no target) for padding
-    and for everything up to the image's closing token, which comes before the question and so
-    cannot know the task. groups: (B, T) from `token_groups`."""
+    grounding sample -> GROUNDING_EXPERT, of any other task -> VL_EXPERT; -1 (no target) for padding.
+    Everything up to the image's closing token comes before the question and so cannot know the task:
+    it gets `prefix_expert`, one expert for every task, or -1 (unsupervised). groups: (B, T) from
+    `token_groups`."""
     ids = batch["input_ids"]
     pos = torch.arange(ids.shape[1], device=ids.device)
     last_image = torch.where(ids == image_id, pos, -1).max(dim=1).values  # (B,), -1 = no image
     start = torch.where(last_image >= 0, last_image + 2, 0)  # +2 skips the image's closing token
     target = torch.where(groups.to(ids.device) == GROUP_NAMES.index("grounding"), GROUNDING_EXPERT, VL_EXPERT)
-    target = target.masked_fill(pos[None, :] < start[:, None], -1)
+    target = target.masked_fill(pos[None, :] < start[:, None], prefix_expert)
     return target.masked_fill(~batch["attention_mask"].bool(), -1)

@@ -211,7 +211,8 @@ class StageRunner:
             groups = token_groups(batch).to(self.accelerator.device)
             batch = dict(batch, token_groups=groups)
             if self.recipe.loss.route:
-                batch["route_targets"] = route_targets(batch, groups, self.m.model.ids.image)
+                batch["route_targets"] = route_targets(batch, groups, self.m.model.ids.image,
+                                                       self.recipe.upcycle.prefix_expert)
         out = self.model(**batch)
         return self.recipe.loss.combine(out.parts), out.parts
 

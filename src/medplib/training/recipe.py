@@ -80,6 +80,9 @@ class UpcycleSection(MoEConfig):
     `num_experts` is the number of `experts`."""
 
     experts: list[str] = field(default_factory=list)
+    # The expert the `route` loss asks for on the tokens up to the image's end (system prompt, image), which
+    # come before the question and cannot know the task; -1 leaves them unsupervised (training/data.py).
+    prefix_expert: int = -1
     num_experts: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
