@@ -8,7 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from medplib.demo import run_demo
+from medplib.demo import STAGE_EXTRA, run_demo
+from medplib.training.pipeline import default_recipes_dir, preset_settings
+from medplib.training.recipe import load_recipe
 
 
 def test_demo_trains_scores_and_writes_its_outputs(tmp_path: Path) -> None:
@@ -34,3 +36,16 @@ def test_demo_trains_scores_and_writes_its_outputs(tmp_path: Path) -> None:
 
     assert not again.trained and scores(again.metrics) == scores(m)  # the model is reused, greedy answers repeat
     assert any("reusing the trained model" in line for line in logs)
+
+
+def test_lite_stage_settings_load_into_the_recipes_as_documented() -> None:
+    """`STAGE_EXTRA["lite"]` parses into the stage recipes on top of the preset's settings: stage I trains the region
+    encoder on region questions too, stage II draws three region questions to one modality question (the router-only
+    stage IV is trained in tests/test_train_pipeline.py)."""
+    recipes = {stage: load_recipe(default_recipes_dir() / f"{stage}.yaml", [*preset_settings("lite", stage), *extra])
+               for stage, extra in STAGE_EXTRA["lite"].items()}
+    assert recipes["stage1_alignment"].trainable == ["projector", "region_encoder"]
+    assert recipes["stage1_alignment"].data.sources[0].tasks == ["caption", "vqa", "region_vqa"]
+    assert [(s.tasks, s.ratio) for s in recipes["stage2_vl_expert"].data.sources] == [
+        (["region_vqa"], 0.75), (["vqa"], 0.25)]
+    assert recipes["stage4_moe"].trainable == ["router"] and recipes["stage4_moe"].loss.ce == 0
