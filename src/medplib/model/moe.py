@@ -37,8 +37,8 @@ vision-language expert, which never learned to emit [SEG]; the published run has
 sort this out, a CPU run has a few hundred steps. Given route targets, each token of a question and
 its answer gets the expert of its task, and cross-entropy(router logits, target) is the `route`
 loss. Only tokens after the image are supervised: the system prompt and image tokens come before the
-question, cannot see it, and so cannot know the task. Routing stays a learned function of the hidden
-state; inference is unchanged.
+question, cannot see it, and so cannot know the task (a recipe may instead send them all to one expert:
+`upcycle.prefix_expert`). Routing stays a learned function of the hidden state; inference is unchanged.
 
 Losses are unweighted here: after a forward each layer holds `losses` = {balance, z, route}; the
 training recipe's `loss` section weights them (training settings are not model settings).
