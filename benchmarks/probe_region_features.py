@@ -79,6 +79,7 @@ def main() -> None:
     rows = region_features(args.data)
     train, test = rows["train"], rows["test"]
     y_test = np.array([r[1] for r in test])
+
     def x(rs: list, names: tuple[str, ...]) -> np.ndarray:
         return np.stack([np.concatenate([r[0][n] for n in names]) for r in rs])
 

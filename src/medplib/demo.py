@@ -34,6 +34,7 @@ from medplib.evaluation.masks import mask_overlap
 from medplib.evaluation.runner import grounding_masks
 from medplib.evaluation.vqa import normalized_match
 from medplib.inference import Predictor, Query
+from medplib.training.data import VL_EXPERT
 from medplib.training.pipeline import run_pipeline
 from medplib.visualize import overlay
 
@@ -66,7 +67,7 @@ STAGE_EXTRA = {"lite": {
     "stage2_vl_expert": ('data.sources=[{file: "*.jsonl", tasks: [region_vqa], ratio: 0.75}, '
                          '{file: "*.jsonl", tasks: [vqa], ratio: 0.25}]',),
     "stage4_moe": ("trainable=[router]", "lora.r=0", "loss.route=1.0", "loss.ce=0", "loss.dice=0", "loss.bce=0",
-                   "loss.focal=0", "optim.lr=5e-2", "upcycle.prefix_expert=1"),
+                   "loss.focal=0", "optim.lr=5e-2", f"upcycle.prefix_expert={VL_EXPERT}"),
 }}
 MAX_EVAL = 50  # test questions per task
 EVAL_BATCH = 8  # test questions decoded together
