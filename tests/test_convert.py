@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -353,7 +354,8 @@ def test_unsafe_bin_shard_is_refused(fixture: dict, tmp_path: Path) -> None:
         published_to_medplib(folder, tmp_path / "out", base=fixture["cfg"], log=lambda s: None)
 
 
-def test_llava_folder_converts_as_a_stage_one_start(fixture: dict, tmp_path: Path) -> None:
+def test_llava_folder_converts_as_a_stage_one_start(fixture: dict, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """LLaVA-1.5's layout (LLaMA + `model.mm_projector`, CLIP loaded separately, a plain LLaMA tokenizer) with
     SAM-Med2D from its own checkpoint: the published stage I starting point."""
     cfg, ref = fixture["cfg"], fixture["ref"]
@@ -371,8 +373,12 @@ def test_llava_folder_converts_as_a_stage_one_start(fixture: dict, tmp_path: Pat
     clip.vision_model.load_state_dict(ref["clip"].state_dict())
     clip.save_pretrained(str(tmp_path / "clip"))
     torch.save({"model": ref["sam"]}, tmp_path / "sam-med2d_b.pth")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
     with pytest.raises(CheckpointError, match="--sam"):
         published_to_medplib(tmp_path / "llava", tmp_path / "x", base=cfg, vision=tmp_path / "clip", log=lambda s: None)
+    assert not any(staging.iterdir()), "a refused conversion leaves no staged tokenizer behind"
     conv = published_to_medplib(tmp_path / "llava", tmp_path / "ours", base=cfg, vision=tmp_path / "clip",
                                 sam=tmp_path / "sam-med2d_b.pth", log=lambda s: None)
     text_half = sum(1 for k in clip.state_dict() if not k.startswith("vision_model."))

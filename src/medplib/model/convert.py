@@ -503,84 +503,84 @@ def published_to_medplib(src: str | Path, out: str | Path, *, base: MedPLIBConfi
     cfg = _config_from_published(pub, base)
     readers = [(CheckpointReader(src), "")]
     # The tokenizer is staged aside: a checkpoint that fails the checks below leaves no partial folder.
-    staged = Path(tempfile.mkdtemp(prefix="medplib-tokenizer-"))
-    vocab = _copy_tokenizer(src, staged, PUBLISHED_SEG, SEG)
-    expected = _meta_shapes(cfg, vocab)
-    entries_src = readers[0][0].entries()
-    llava = pub.get("model_type") in _LLAVA_TYPES and not any(k.startswith(_MEDPLIB_ONLY) for k, _, _ in entries_src)
-    if llava:
-        dtype = next((dt for k, dt, _ in entries_src if k == "model.embed_tokens.weight"), torch.float32)
-        readers.append((_llava_missing_parts(cfg, vocab, sam, dtype), "fresh"))
-    elif sam is not None:
-        raise CheckpointError(f"{src} has its own SAM part; --sam is for LLaVA folders")
-    if vision is not None:
-        if any(k.startswith("model.vision_tower.") for k, _, _ in entries_src):
-            raise CheckpointError(f"{src} has its own vision tower; --vision would replace it")
-        readers.append((CheckpointReader(vision), "vision"))
-    inv_freq = _inv_freq(cfg.llm.hf)
-    left_out: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="medplib-tokenizer-") as tmp:
+        staged = Path(tmp)
+        vocab = _copy_tokenizer(src, staged, PUBLISHED_SEG, SEG)
+        expected = _meta_shapes(cfg, vocab)
+        entries_src = readers[0][0].entries()
+        llava = pub.get("model_type") in _LLAVA_TYPES and not any(
+            k.startswith(_MEDPLIB_ONLY) for k, _, _ in entries_src)
+        if llava:
+            dtype = next((dt for k, dt, _ in entries_src if k == "model.embed_tokens.weight"), torch.float32)
+            readers.append((_llava_missing_parts(cfg, vocab, sam, dtype), "fresh"))
+        elif sam is not None:
+            raise CheckpointError(f"{src} has its own SAM part; --sam is for LLaVA folders")
+        if vision is not None:
+            if any(k.startswith("model.vision_tower.") for k, _, _ in entries_src):
+                raise CheckpointError(f"{src} has its own vision tower; --vision would replace it")
+            readers.append((CheckpointReader(vision), "vision"))
+        inv_freq = _inv_freq(cfg.llm.hf)
+        left_out: dict[str, int] = {}
 
-    def mapped(key: str, t: Tensor, origin: str) -> tuple[str | None, Tensor | str]:
-        """(medplib name, tensor) or (None, why it is left out); (None, "") = unknown key."""
-        if origin == "fresh":
-            return key, t
-        if origin == "vision":
-            if _CLIP_TEXT.match(key):
-                return None, "CLIP text half (--vision folder)"
-            return "vision.model." + key.removeprefix("vision_model."), t
-        why = _published_only(key)
-        if why is not None:
-            if why.startswith("rotary") and t.device.type != "meta" and not torch.allclose(
-                    t.float(), inv_freq.to(t.dtype).float(), rtol=1e-3):
-                raise CheckpointError(f"{key} does not match rope_theta/head size of config.json")
-            return None, why
-        name = _rename(key, _TO_MEDPLIB)
-        if name is None:
-            return None, ""
-        m = _IOU_LAYER.fullmatch(name)
-        if m and int(m.group(1)) == cfg.decoder.iou_head_depth - 1:
-            t = t[:1]  # the single-mask IoU row
-        if name in _EMBEDDINGS and t.shape[0] < vocab:
-            # Rows for tokens medplib adds (<image>, <box>, </box>): the mean row, as transformers' resizing does.
-            t = torch.cat([t, t.float().mean(dim=0, keepdim=True).to(t.dtype).expand(vocab - t.shape[0], -1)])
-        return name, t
-
-    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-    unknown: list[str] = []
-    for reader, origin in readers:
-        for key, dtype, shape in (entries_src if origin == "" else reader.entries()):
-            name, t = mapped(key, torch.empty(shape, dtype=dtype, device="meta"), origin)
+        def mapped(key: str, t: Tensor, origin: str) -> tuple[str | None, Tensor | str]:
+            """(medplib name, tensor) or (None, why it is left out); (None, "") = unknown key."""
+            if origin == "fresh":
+                return key, t
+            if origin == "vision":
+                if _CLIP_TEXT.match(key):
+                    return None, "CLIP text half (--vision folder)"
+                return "vision.model." + key.removeprefix("vision_model."), t
+            why = _published_only(key)
+            if why is not None:
+                if why.startswith("rotary") and t.device.type != "meta" and not torch.allclose(
+                        t.float(), inv_freq.to(t.dtype).float(), rtol=1e-3):
+                    raise CheckpointError(f"{key} does not match rope_theta/head size of config.json")
+                return None, why
+            name = _rename(key, _TO_MEDPLIB)
             if name is None:
-                if t:
-                    left_out[t] = left_out.get(t, 0) + 1
-                else:
-                    unknown.append(key)
-                continue
-            entries.append((name, t.dtype, tuple(t.shape)))
-    got = {n: s for n, _, s in entries}
-    problems = _problems(expected, got, unknown)
-    if problems:
-        shutil.rmtree(staged, ignore_errors=True)
-        hint = "" if vision is not None or any(k.startswith("vision.") for k in got) else \
-            " (no vision tower in the checkpoint: pass the CLIP folder with --vision)"
-        raise CheckpointError(f"{src} does not match a medplib model of its config: {problems}{hint}")
+                return None, ""
+            m = _IOU_LAYER.fullmatch(name)
+            if m and int(m.group(1)) == cfg.decoder.iou_head_depth - 1:
+                t = t[:1]  # the single-mask IoU row
+            if name in _EMBEDDINGS and t.shape[0] < vocab:
+                # Rows for tokens medplib adds (<image>, <box>, </box>): the mean row, as transformers' resizing does.
+                t = torch.cat([t, t.float().mean(dim=0, keepdim=True).to(t.dtype).expand(vocab - t.shape[0], -1)])
+            return name, t
 
-    def stream() -> Iterator[tuple[str, Tensor]]:
+        entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        unknown: list[str] = []
         for reader, origin in readers:
-            for key, t in reader.tensors():
-                name, value = mapped(key, t, origin)
-                if name is not None:
-                    yield name, value
+            for key, dtype, shape in (entries_src if origin == "" else reader.entries()):
+                name, t = mapped(key, torch.empty(shape, dtype=dtype, device="meta"), origin)
+                if name is None:
+                    if t:
+                        left_out[t] = left_out.get(t, 0) + 1
+                    else:
+                        unknown.append(key)
+                    continue
+                entries.append((name, t.dtype, tuple(t.shape)))
+        got = {n: s for n, _, s in entries}
+        problems = _problems(expected, got, unknown)
+        if problems:
+            hint = "" if vision is not None or any(k.startswith("vision.") for k in got) else \
+                " (no vision tower in the checkpoint: pass the CLIP folder with --vision)"
+            raise CheckpointError(f"{src} does not match a medplib model of its config: {problems}{hint}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", entries, stream())
-    for f in staged.iterdir():
-        shutil.move(str(f), out / f.name)
-    shutil.rmtree(staged, ignore_errors=True)
-    _save_config(cfg, out)
-    log(f"wrote {len(entries)} tensors to {out / 'model.safetensors'}"
-        + "".join(f"; left out {n} {why}" for why, n in left_out.items()))
-    return Conversion(out, len(entries), left_out)
+        def stream() -> Iterator[tuple[str, Tensor]]:
+            for reader, origin in readers:
+                for key, t in reader.tensors():
+                    name, value = mapped(key, t, origin)
+                    if name is not None:
+                        yield name, value
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(out / "model.safetensors", entries, stream())
+        for f in staged.iterdir():
+            shutil.move(str(f), out / f.name)
+        _save_config(cfg, out)
+        log(f"wrote {len(entries)} tensors to {out / 'model.safetensors'}"
+            + "".join(f"; left out {n} {why}" for why, n in left_out.items()))
+        return Conversion(out, len(entries), left_out)
 
 
 def medplib_to_published(src: str | Path, out: str | Path, *, sam: str | Path | None = None,
