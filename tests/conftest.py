@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # annotations only: the fixtures import these where they run
     import numpy as np
     import typer
 
+    from medplib.api import MedPLIB
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -73,6 +75,15 @@ def kvasir_model(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     ]
     fit(m, items, steps=160, batch_size=4, lr=1e-3, seed=0)
     return m.save_pretrained(tmp_path_factory.mktemp("kvasir") / "model")
+
+
+@pytest.fixture(scope="session")
+def lite_model() -> "MedPLIB":
+    """The lite model as `MedPLIB.from_preset` builds it: pretrained parts from the installed packages. Built once
+    per session (reading the GGUF file takes most of a minute); tests must not change its weights."""
+    from medplib.api import MedPLIB
+
+    return MedPLIB.from_preset("lite")
 
 
 @pytest.fixture(scope="module")

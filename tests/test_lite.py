@@ -25,10 +25,10 @@ from medplib.processing import IGNORE_INDEX
 from medplib.tokenizer import EXTRA_SPECIAL, load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def lite() -> MedPLIB:
-    """The lite model as `MedPLIB.from_preset` builds it: pretrained parts from the installed packages."""
-    return MedPLIB.from_preset("lite")
+@pytest.fixture()
+def lite(lite_model: MedPLIB) -> MedPLIB:
+    """The lite model as `MedPLIB.from_preset` builds it (conftest's, shared with tests/test_load.py)."""
+    return lite_model
 
 
 def _perplexity(llm: torch.nn.Module, tok, texts: list[str]) -> float:

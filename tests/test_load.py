@@ -32,9 +32,9 @@ def tiny_moe_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lite_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lite_folder(tmp_path_factory: pytest.TempPathFactory, lite_model: MedPLIB) -> Path:
     """lite as built from its packaged weights: tied SmolLM2 embeddings, BatchNorm statistics, rotary buffers."""
-    return MedPLIB.from_preset("lite").save_pretrained(tmp_path_factory.mktemp("lite") / "model")
+    return lite_model.save_pretrained(tmp_path_factory.mktemp("lite") / "model")
 
 
 def _forward(m: MedPLIB, img: np.ndarray, mask: np.ndarray):
