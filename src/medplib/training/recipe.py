@@ -87,6 +87,9 @@ class UpcycleSection(MoEConfig):
 
     def __post_init__(self) -> None:
         self.num_experts = len(self.experts)
+        if self.experts and not -1 <= self.prefix_expert < self.num_experts:
+            raise RecipeError(f"upcycle.prefix_expert={self.prefix_expert}: expected -1 (unsupervised) or an expert "
+                              f"index 0..{self.num_experts - 1}")
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoEConfig)})
