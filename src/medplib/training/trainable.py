@@ -2,6 +2,7 @@
 
 Groups, as the published stage table names them:
     projector, vision, pixel_encoder, mask_decoder, seg_proj, region_encoder: those modules
+    pixel_neck: the CNN pixel encoder's FPN (lateral convs and neck) alone, its pretrained backbone frozen
     lora: the LoRA A/B matrices injected by `add_lora`
     lm_head, embed_tokens: the LLM's output / input embeddings
     seg_token: only the `[SEG]` rows of those embeddings (the other rows get no gradient)
@@ -43,6 +44,7 @@ GROUPS: dict[str, Callable[[MedPLIBModel, str], bool]] = {
     "projector": _prefix("projector"),
     "vision": _prefix("vision"),
     "pixel_encoder": _prefix("pixel_encoder"),
+    "pixel_neck": lambda model, p: p.startswith(("pixel_encoder.lateral.", "pixel_encoder.neck.")),
     "mask_decoder": _prefix("mask_decoder"),
     "seg_proj": _prefix("seg_proj"),
     "region_encoder": _prefix("region_encoder"),
