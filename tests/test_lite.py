@@ -25,12 +25,6 @@ from medplib.processing import IGNORE_INDEX
 from medplib.tokenizer import EXTRA_SPECIAL, load_tokenizer
 
 
-@pytest.fixture()
-def lite(lite_model: MedPLIB) -> MedPLIB:
-    """The lite model as `MedPLIB.from_preset` builds it (conftest's, shared with tests/test_load.py)."""
-    return lite_model
-
-
 def _perplexity(llm: torch.nn.Module, tok, texts: list[str]) -> float:
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -41,23 +35,23 @@ def _perplexity(llm: torch.nn.Module, tok, texts: list[str]) -> float:
     return math.exp(nll / n)
 
 
-def test_gguf_llm_knows_english_medical_text(lite: MedPLIB, shared_data: Path) -> None:
+def test_gguf_llm_knows_english_medical_text(lite_model: MedPLIB, shared_data: Path) -> None:
     reports = [r["report"] for r in json.loads((shared_data / "iu_xray" / "annotation.json").read_text())["test"][:12]]
-    pretrained = _perplexity(lite.model.llm, lite.tokenizer, reports)
+    pretrained = _perplexity(lite_model.model.llm, lite_model.tokenizer, reports)
     # The same architecture and vocabulary at random init: the GGUF weights are what makes the difference.
-    random_llm = type(lite.model.llm)(lite.model.llm.config)
-    random_ppl = _perplexity(random_llm, lite.tokenizer, reports)
+    random_llm = type(lite_model.model.llm)(lite_model.model.llm.config)
+    random_ppl = _perplexity(random_llm, lite_model.tokenizer, reports)
     assert pretrained < 200, pretrained  # measured 88 on held-out IU-Xray reports
     assert random_ppl / pretrained > 100, (pretrained, random_ppl)
 
 
-def test_special_tokens_are_single_new_ids(lite: MedPLIB) -> None:
-    tok = lite.tokenizer
+def test_special_tokens_are_single_new_ids(lite_model: MedPLIB) -> None:
+    tok = lite_model.tokenizer
     for t in EXTRA_SPECIAL:
         assert len(tok(t, add_special_tokens=False).input_ids) == 1, t
     new = [tok.convert_tokens_to_ids(t) for t in EXTRA_SPECIAL]
     assert min(new) >= 49152  # added after SmolLM2's own vocabulary
-    emb = lite.model.llm.get_input_embeddings().weight
+    emb = lite_model.model.llm.get_input_embeddings().weight
     assert emb.shape[0] == len(tok)
     # A new row starts at the mean of its spelling's pretrained rows (`<box>` -> `<`, `box`, `>`), so no two
     # new tokens start equal (a frozen shared row made `[SEG]` and `<box>` indistinguishable to write).
@@ -66,19 +60,19 @@ def test_special_tokens_are_single_new_ids(lite: MedPLIB) -> None:
         assert len(pieces) > 1 and max(pieces) < 49152, (t, pieces)
         torch.testing.assert_close(emb[i], emb[pieces].mean(dim=0))
     assert torch.unique(emb[new], dim=0).shape[0] == len(new)
-    assert torch.equal(lite.model.llm.get_output_embeddings().weight[new], emb[new])  # tied
+    assert torch.equal(lite_model.model.llm.get_output_embeddings().weight[new], emb[new])  # tied
 
 
-def test_chatml_prompt_and_labels(lite: MedPLIB) -> None:
+def test_chatml_prompt_and_labels(lite_model: MedPLIB) -> None:
     turns = [Turn(role="user", content="What modality is this?"), Turn(role="assistant", content="MRI")]
-    ids, labels = lite.processor.encode_conversation(turns)
-    text = lite.tokenizer.decode([i for i in ids if i != lite.processor.image_id])
+    ids, labels = lite_model.processor.encode_conversation(turns)
+    text = lite_model.tokenizer.decode([i for i in ids if i != lite_model.processor.image_id])
     # The lite preset has no system prompt, so no system turn: the prompt is the user turn alone.
     assert text == ("<|im_start|>user\n<im_start><im_end>\nWhat modality is this?<|im_end|>\n"
                     "<|im_start|>assistant\nMRI<|im_end|>")
     supervised = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
-    assert lite.tokenizer.decode(supervised) == "MRI<|im_end|>"
-    assert ids.count(lite.processor.image_id) == 16  # the 8 x 8 head map at 256 px, pooled to 4 x 4
+    assert lite_model.tokenizer.decode(supervised) == "MRI<|im_end|>"
+    assert ids.count(lite_model.processor.image_id) == 16  # the 8 x 8 head map at 256 px, pooled to 4 x 4
 
 
 def test_efficientnet_imagenet_weights_load_and_classify() -> None:
@@ -110,24 +104,24 @@ def test_efficientnet_tampered_state_dict_names_the_key(tmp_path: Path) -> None:
         load_imagenet(EfficientNetLite0(), bad)
 
 
-def test_lite_towers_hold_the_imagenet_weights(lite: MedPLIB) -> None:
+def test_lite_towers_hold_the_imagenet_weights(lite_model: MedPLIB) -> None:
     state = torch.load(str(packaged.resolve(EFFICIENTNET_LITE0)), map_location="cpu", weights_only=True)
-    for module in (lite.model.vision.model, lite.model.pixel_encoder.backbone):
+    for module in (lite_model.model.vision.model, lite_model.model.pixel_encoder.backbone):
         own = module.state_dict()
         assert all(torch.equal(own[k], state[k]) for k in own)
 
 
 def test_save_load_round_trip_gives_identical_logits_and_masks(
-        lite: MedPLIB, shared_data: Path, tmp_path: Path) -> None:
+        lite_model: MedPLIB, shared_data: Path, tmp_path: Path) -> None:
     _, image, mask = kvasir_images(shared_data, 1)[0]
     turns = [Turn(role="user", content=KVASIR_QUESTION), Turn(role="assistant", content=KVASIR_ANSWER)]
-    enc = lite.processor.encode(image, turns, target_masks=[mask])
-    folder = lite.save_pretrained(tmp_path / "lite")
+    enc = lite_model.processor.encode(image, turns, target_masks=[mask])
+    folder = lite_model.save_pretrained(tmp_path / "lite")
     assert not (folder / "config.json").read_text().count("gguf")  # the folder needs no package to load
     again = MedPLIB.from_pretrained(folder)
-    lite.model.eval()
+    lite_model.model.eval()
     outs = []
-    for m in (lite, again):
+    for m in (lite_model, again):
         with torch.no_grad():
             outs.append(m.model(**m.collate([enc])))
     assert torch.equal(outs[0].logits, outs[1].logits)

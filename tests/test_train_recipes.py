@@ -64,6 +64,10 @@ def test_overrides_and_their_errors() -> None:
         load_recipe(path, ["loss.dise=1"])
     with pytest.raises(RecipeError, match="cannot read recipe"):
         load_recipe(RECIPES / "nope.yaml")
+    stage4 = RECIPES / "stage4_moe.yaml"
+    assert load_recipe(stage4, ["upcycle.prefix_expert=1"]).upcycle.prefix_expert == 1
+    with pytest.raises(RecipeError, match=r"prefix_expert=2: expected -1 \(unsupervised\) or an expert index 0..1"):
+        load_recipe(stage4, ["upcycle.prefix_expert=2"])
 
 
 def test_trainable_groups_and_lora_merge_is_exact() -> None:
@@ -123,6 +127,16 @@ def test_missing_model_folder_and_data_are_clear_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # layer 2's inputs need no gradient: expected
+def test_pixel_neck_trains_the_fpn_and_leaves_the_cnn_backbone_frozen() -> None:
+    m = MedPLIB.from_preset("tiny", seed=0, **{"pixel.kind": "efficientnet", "pixel.patch_size": 8,
+                                               "pixel.out_chans": 64, "decoder.transformer_dim": 64})
+    set_trainable(m.model, ["pixel_neck"])
+    on = {k for k, p in m.model.named_parameters() if p.requires_grad}
+    fpn = {k for k, _ in m.model.named_parameters() if k.startswith(("pixel_encoder.lateral.", "pixel_encoder.neck."))}
+    assert on == fpn and fpn
+    assert not any(p.requires_grad for p in m.model.pixel_encoder.backbone.parameters())
+
+
 def test_lora_on_the_last_layers_with_the_seg_row_trained_on_the_output_side() -> None:
     """`lora.last_layers` adapts only the top layers, and `seg_token_out` trains the `[SEG]` row through the
     (tied) head alone: the backward pass then never reaches below the adapted layers."""
